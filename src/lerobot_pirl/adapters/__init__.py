@@ -1,0 +1,1 @@
+"""One FlowAdapter per LeRobot flow policy type (DESIGN.md §5)."""

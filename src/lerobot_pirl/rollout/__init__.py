@@ -1,0 +1,1 @@
+"""Chunked collection over LeRobot vector envs -> RolloutBatch; env-side helpers."""

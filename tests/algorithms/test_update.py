@@ -1,0 +1,142 @@
+from dataclasses import dataclass, field
+
+import draccus
+import pytest
+import torch
+
+from lerobot_pirl.algorithms.config import AlgorithmConfig, GRPOConfig, PPOConfig
+from lerobot_pirl.algorithms.grpo import grpo_samples
+from lerobot_pirl.algorithms.ppo import ppo_samples
+from lerobot_pirl.algorithms.update import NonFiniteLossError, make_optimizer, policy_update
+from lerobot_pirl.rl_policy import FlowRLPolicy
+from lerobot_pirl.rollout.batch import RolloutBatch
+from lerobot_pirl.testing.toy_adapter import ToyFlowAdapter
+
+T, N = 3, 4
+
+
+def toy_rollout(policy: FlowRLPolicy, rewards: torch.Tensor, seed: int = 0) -> RolloutBatch:
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(T, N, 3, generator=generator)
+    samples = [
+        policy.sample({"observation.state": states[t]}, policy.exploration, generator=generator)
+        for t in range(T)
+    ]
+    terminated = torch.zeros(T, N, dtype=torch.bool)
+    terminated[-1] = True  # one episode per env, ending at the last decision
+    return RolloutBatch(
+        observations={"observation.state": states},
+        chains=torch.stack([s.chain for s in samples]),
+        step_index=torch.stack([s.step_index for s in samples]),
+        logprobs=torch.stack([s.logprob for s in samples]),
+        values=torch.stack([s.value for s in samples]),
+        rewards=rewards,
+        terminated=terminated,
+        truncated=torch.zeros(T, N, dtype=torch.bool),
+        next_values=torch.zeros(T, N),
+        mask=torch.ones(T, N, dtype=torch.bool),
+        episode_index=torch.arange(N).expand(T, N).clone(),
+        episode_returns=rewards.sum(0),
+        episode_success=rewards.sum(0) > 0,
+        episode_lengths=torch.full((N,), T * 2),
+        episode_done=torch.ones(N, dtype=torch.bool),
+    )
+
+
+def sparse_rewards() -> torch.Tensor:
+    rewards = torch.zeros(T, N)
+    rewards[-1, :2] = 1.0  # envs 0 and 1 succeed
+    return rewards
+
+
+@pytest.mark.parametrize("exploration", ["flow_sde", "flow_noise"])
+def test_first_minibatch_ratio_is_one(exploration):
+    cfg = PPOConfig(exploration=exploration, update_epochs=1, minibatch_size=T * N, micro_batch_size=None)
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration=exploration)
+    batch = toy_rollout(policy, sparse_rewards())
+    metrics = policy_update(policy, make_optimizer(policy, cfg), ppo_samples(batch, cfg), cfg, "cpu")
+    # One minibatch, one epoch: every ratio was measured before the optimiser step.
+    assert metrics["losses/approx_kl"] < 1e-10
+    assert metrics["losses/clipfrac"] == 0.0
+    assert abs(metrics["policy/ratio_max"] - 1.0) < 1e-5
+    assert metrics["losses/num_samples"] == T * N
+
+
+def test_update_raises_log_prob_of_positive_advantage_decisions():
+    cfg = PPOConfig(update_epochs=8, minibatch_size=T * N, micro_batch_size=4, actor_lr=3e-3, clip_ratio=10.0)
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde", value_head_hidden=None)
+    batch = toy_rollout(policy, sparse_rewards())
+    samples = ppo_samples(batch, cfg)
+    before = batch.logprobs.flatten()
+    policy_update(policy, make_optimizer(policy, cfg), samples, cfg, "cpu")
+    with torch.no_grad():
+        after = policy.evaluate(samples.observations, samples.chains, samples.step_index).logprob
+    positive = samples.advantages > 0
+    gain = after - before
+    assert gain[positive].mean() > gain[~positive].mean() + 0.1
+
+
+def test_non_finite_loss_stops_the_update_with_a_message():
+    cfg = PPOConfig(update_epochs=1, minibatch_size=T * N, micro_batch_size=None)
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    rewards = sparse_rewards()
+    rewards[0, 0] = float("nan")
+    batch = toy_rollout(policy, rewards)
+    with pytest.raises(NonFiniteLossError, match="epoch 0, minibatch 0"):
+        policy_update(policy, make_optimizer(policy, cfg), ppo_samples(batch, cfg), cfg, "cpu")
+
+
+def test_target_kl_stops_the_epoch_loop_early():
+    cfg = PPOConfig(
+        update_epochs=20, minibatch_size=T * N, micro_batch_size=None, actor_lr=0.05, target_kl=1e-4
+    )
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    batch = toy_rollout(policy, sparse_rewards())
+    metrics = policy_update(policy, make_optimizer(policy, cfg), ppo_samples(batch, cfg), cfg, "cpu")
+    assert metrics["losses/early_stopped"] == 1.0 and metrics["losses/epochs"] < 20
+
+
+def test_masked_decisions_never_enter_the_update():
+    cfg = PPOConfig()
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    batch = toy_rollout(policy, sparse_rewards())
+    batch.mask[2, 3] = False
+    batch.rewards[2, 3] = 1e6  # would dominate if it leaked
+    samples = ppo_samples(batch, cfg)
+    assert len(samples) == T * N - 1
+    assert samples.returns.abs().max() < 10
+
+
+def test_grpo_samples_give_each_decision_its_episode_advantage_and_drop_flat_groups():
+    cfg = GRPOConfig(group_size=2)
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde", value_head_hidden=None)
+    batch = toy_rollout(policy, sparse_rewards())  # group 0 = envs 0,1 both succeed; group 1 both fail
+    samples, stats = grpo_samples(batch, cfg)
+    assert len(samples) == 0 and stats["grpo/kept_group_fraction"] == 0.0
+
+    rewards = torch.zeros(T, N)
+    rewards[-1, 0] = 1.0  # group 0: one success one failure; group 1: all fail -> dropped
+    batch = toy_rollout(policy, rewards)
+    samples, stats = grpo_samples(batch, cfg)
+    assert len(samples) == 2 * T and stats["grpo/kept_group_fraction"] == 0.5
+    assert torch.allclose(samples.advantages.sort().values, torch.tensor([-1.0] * T + [1.0] * T), atol=1e-5)
+    metrics = policy_update(policy, make_optimizer(policy, cfg), samples, cfg, "cpu")
+    assert "losses/value_loss" not in metrics
+
+
+@dataclass
+class _Wrapper:
+    algorithm: AlgorithmConfig = field(default_factory=PPOConfig)
+
+
+def test_configs_parse_with_draccus_and_reject_bad_values():
+    args = ["--algorithm.type=grpo", "--algorithm.exploration=flow_noise", "--algorithm.group_size=4"]
+    cfg = draccus.parse(_Wrapper, args=args).algorithm
+    assert isinstance(cfg, GRPOConfig) and cfg.exploration == "flow_noise" and cfg.group_size == 4
+    ppo = draccus.parse(_Wrapper, args=["--algorithm.type=ppo"]).algorithm
+    reference = (ppo.clip_ratio, ppo.gamma, ppo.gae_lambda, ppo.actor_lr, ppo.critic_lr, ppo.noise_level)
+    assert reference == (0.2, 0.99, 0.95, 5e-6, 1e-4, 0.5)
+    with pytest.raises(ValueError):
+        PPOConfig(exploration="flow_magic")
+    with pytest.raises(ValueError):
+        GRPOConfig(group_size=1)
