@@ -1,0 +1,348 @@
+"""Chunked collection over LeRobot vector envs (DESIGN.md §4).
+
+Shape legend
+    N  parallel envs
+    T  decisions per env in one rollout
+    C  actions executed per decision, D real action dim
+
+One decision = one action chunk of C env steps. Observations go through exactly LeRobot's eval path
+(`preprocess_observation`, the task text, the env's processors, then the policy's preprocessor), so
+rollout and update see the same inputs and `lerobot-eval` sees what we trained on.
+
+Episode boundaries are aligned to chunks: every sub-env is wrapped in LeRobot's
+`FreezeAfterEpisodeEnd`, so once an episode ends inside a chunk the rest of the chunk replays its
+terminal transition (reward 0) instead of running stale actions in a new episode; at the chunk
+boundary the finished sub-envs are reset explicitly. The frozen observation is the episode's final
+observation, whose value bootstraps a time-limit truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from lerobot.envs.utils import NEW_ROLLOUT_OPTION, FreezeAfterEpisodeEnd, preprocess_observation
+from lerobot.utils.constants import ACTION
+from torch import Tensor
+
+from lerobot_pirl.rl_policy import FlowRLPolicy, SampleMode
+from lerobot_pirl.rollout.batch import RolloutBatch
+
+Pipeline = Callable[[Any], Any]
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def freeze_finished_episodes(vec_env: gym.vector.VectorEnv) -> gym.vector.VectorEnv:
+    """Make sure every sub-env freezes at the end of its episode (see module docstring).
+
+    LeRobot's async vector envs already wrap their sub-envs; sync ones are wrapped here in place.
+    """
+    if isinstance(vec_env, gym.vector.SyncVectorEnv):
+        vec_env.envs = [
+            e if isinstance(e, FreezeAfterEpisodeEnd) else FreezeAfterEpisodeEnd(e) for e in vec_env.envs
+        ]
+        return vec_env
+    if (
+        getattr(vec_env, "_freezes_finished_episodes", False)
+        or type(vec_env).__name__ == "_LazyAsyncVectorEnv"
+    ):
+        return vec_env  # LeRobot's lazy async env (and ours) wrap every sub-env in FreezeAfterEpisodeEnd
+    raise TypeError(
+        f"{type(vec_env).__name__} does not freeze finished episodes; use a SyncVectorEnv, LeRobot's async "
+        "envs, or wrap sub-env factories with lerobot.envs.utils.freeze_after_episode_end"
+    )
+
+
+def step_success(info: dict, num_envs: int) -> np.ndarray:
+    """(N,) bool success flags of one vector step, whether the info is flat or in `final_info`."""
+    success = np.zeros(num_envs, dtype=bool)
+    for source in (info, info.get("final_info", {})):
+        if isinstance(source, dict) and "is_success" in source:
+            flags = np.asarray(source["is_success"], dtype=bool).reshape(-1)
+            present = np.asarray(source.get("_is_success", np.ones(num_envs, dtype=bool)), dtype=bool)
+            success |= flags & present
+    return success
+
+
+@dataclass
+class EpisodeStats:
+    """Per-episode accumulators of one rollout, indexed by the episode's slot."""
+
+    returns: list[float] = field(default_factory=list)
+    success: list[bool] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+    def start(self, returns: float = 0.0, success: bool = False, length: int = 0) -> int:
+        self.returns.append(returns)
+        self.success.append(success)
+        self.lengths.append(length)
+        self.done.append(False)
+        return len(self.returns) - 1
+
+
+class ChunkCollector:
+    """Runs a FlowRLPolicy in a LeRobot vector env, one action chunk per decision.
+
+    Args:
+        vec_env: a LeRobot vector env (from `EnvConfig.create_envs` / `make_env`).
+        policy: the FlowRLPolicy.
+        preprocessor, postprocessor: the policy's own LeRobot processor pipelines.
+        env_preprocessor, env_postprocessor: the env's processors (`make_env_pre_post_processors`).
+        device: where the policy runs; rollout tensors are stored on `storage_device`.
+        sparse_reward: reward +1 at the first success and 0 otherwise; else the env's own reward.
+        end_on_success: the episode ends at its first success (what follows is never used).
+        seed: base seed for the resets of the continuous (PPO) mode.
+    """
+
+    def __init__(
+        self,
+        vec_env: gym.vector.VectorEnv,
+        policy: FlowRLPolicy,
+        preprocessor: Pipeline | None = None,
+        postprocessor: Pipeline | None = None,
+        env_preprocessor: Pipeline | None = None,
+        env_postprocessor: Pipeline | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        storage_device: torch.device | str = "cpu",
+        sparse_reward: bool = True,
+        end_on_success: bool = True,
+        seed: int = 0,
+    ):
+        self.vec_env = freeze_finished_episodes(vec_env)
+        self.num_envs = vec_env.num_envs
+        self.policy = policy
+        self.preprocessor = preprocessor or _identity
+        self.postprocessor = postprocessor or _identity
+        self.env_preprocessor = env_preprocessor or _identity
+        self.env_postprocessor = env_postprocessor or _identity
+        self.device = torch.device(device)
+        self.storage_device = torch.device(storage_device)
+        self.sparse_reward = sparse_reward
+        self.end_on_success = end_on_success
+        self.next_seed = seed
+        self.tasks = self._task_descriptions()
+        self._observation: dict | None = None  # raw vector-env observation of the continuous mode
+        self._carry: list[tuple[float, bool, int]] = []  # (return, success, length) of running episodes
+
+    # ---- env plumbing -------------------------------------------------------------------------------
+
+    def _task_descriptions(self) -> list[str]:
+        for name in ("task_description", "task"):
+            try:
+                return [str(t) for t in self.vec_env.call(name)]
+            except (AttributeError, NotImplementedError):
+                continue
+        return [""] * self.num_envs
+
+    def _take_seeds(self, count: int) -> list[int]:
+        seeds = list(range(self.next_seed, self.next_seed + count))
+        self.next_seed += count
+        return seeds
+
+    def reset(self, seeds: list[int] | None = None, mask: np.ndarray | None = None) -> dict:
+        """Reset all sub-envs, or those in `mask`, starting genuinely new episodes."""
+        options: dict[str, Any] = {NEW_ROLLOUT_OPTION: True}
+        if mask is not None:
+            options["reset_mask"] = mask
+        observation, _ = self.vec_env.reset(seed=seeds, options=options)
+        return observation
+
+    def policy_inputs(self, observation: dict) -> dict[str, Tensor]:
+        """Raw vector-env observation -> the policy's preprocessed batch (LeRobot's eval path)."""
+        batch = preprocess_observation(observation)
+        batch["task"] = list(self.tasks)
+        batch = self.env_preprocessor(batch)
+        return self.preprocessor(batch)
+
+    def to_env_actions(self, actions: Tensor) -> np.ndarray:
+        """(N, C, D) normalised policy actions -> (C, N, D) env actions via the postprocessors."""
+        actions = self.postprocessor(actions)
+        steps = []
+        for c in range(actions.shape[1]):
+            step = self.env_postprocessor({ACTION: actions[:, c]})[ACTION]
+            steps.append(step.detach().to("cpu", torch.float32).numpy())
+        return np.stack(steps)
+
+    @staticmethod
+    def _storable(batch: dict) -> dict[str, Tensor]:
+        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+    # ---- one decision -------------------------------------------------------------------------------
+
+    def _run_chunk(
+        self, env_actions: np.ndarray, active: np.ndarray, succeeded: np.ndarray
+    ) -> dict[str, np.ndarray | dict]:
+        """Execute C steps. `active` (N,): the env's episode is running at the chunk start;
+        `succeeded` (N,): it already succeeded (the sparse reward is paid once, at the first success)."""
+        num_steps = env_actions.shape[0]
+        reward = np.zeros(self.num_envs, dtype=np.float64)
+        success = np.zeros(self.num_envs, dtype=bool)
+        terminated = np.zeros(self.num_envs, dtype=bool)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        steps_taken = np.zeros(self.num_envs, dtype=np.int64)
+        running = active.copy()
+        observation = None
+        for c in range(num_steps):
+            observation, step_reward, step_terminated, step_truncated, info = self.vec_env.step(
+                env_actions[c]
+            )
+            step_succeeded = step_success(info, self.num_envs) & running
+            steps_taken += running
+            if self.sparse_reward:
+                reward += (step_succeeded & ~succeeded & ~success).astype(np.float64)
+            else:
+                reward += np.where(running, step_reward, 0.0)
+            success |= step_succeeded
+            ends_by_success = step_succeeded & self.end_on_success
+            terminated |= running & (np.asarray(step_terminated, dtype=bool) | ends_by_success)
+            truncated |= running & np.asarray(step_truncated, dtype=bool) & ~terminated
+            running &= ~(terminated | truncated)
+        return {
+            "observation": observation,
+            "reward": reward,
+            "success": success,
+            "terminated": terminated,
+            "truncated": truncated,
+            "steps": steps_taken,
+        }
+
+    # ---- rollouts -----------------------------------------------------------------------------------
+
+    def collect(self, num_decisions: int, mode: SampleMode) -> RolloutBatch:
+        """Continuous mode (PPO): T decisions per env; finished episodes restart at chunk boundaries.
+
+        Episodes carry over between calls; `episode_*` tensors cover the episodes that started or were
+        running during this rollout (`episode_done` False for those still running at its end).
+        """
+        if self._observation is None:
+            self._observation = self.reset(self._take_seeds(self.num_envs))
+            self._carry = [(0.0, False, 0)] * self.num_envs
+        stats = EpisodeStats()
+        slot = np.array([stats.start(*carried) for carried in self._carry], dtype=np.int64)
+        batch = self._rollout(num_decisions, mode, stats, slot, continuous=True)
+        self._carry = [(stats.returns[i], stats.success[i], stats.lengths[i]) for i in slot]
+        return batch
+
+    def collect_episodes(
+        self, seeds: list[int], mode: SampleMode, max_decisions: int | None = None, before_reset=None
+    ) -> RolloutBatch:
+        """Episodic mode (GRPO, evaluation): one episode per env from the given seeds, masked after its end.
+
+        `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states). Leaves the
+        continuous mode to restart from fresh resets.
+        """
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
+        if before_reset is not None:
+            before_reset(self.vec_env, seeds)
+        self._observation = self.reset(list(seeds))
+        stats = EpisodeStats()
+        slot = np.array([stats.start() for _ in range(self.num_envs)], dtype=np.int64)
+        if max_decisions is None:
+            max_steps = int(np.max(self.vec_env.call("_max_episode_steps")))
+            max_decisions = -(-max_steps // self.policy.n_action_steps) + 1
+        batch = self._rollout(max_decisions, mode, stats, slot, continuous=False)
+        self._observation = None  # the continuous mode must not resume from these frozen envs
+        return batch
+
+    def _rollout(
+        self,
+        num_decisions: int,
+        mode: SampleMode,
+        stats: EpisodeStats,
+        slot: np.ndarray,
+        continuous: bool,
+    ) -> RolloutBatch:
+        """`slot` (N,): each env's running episode in `stats`, updated as episodes restart."""
+        active = np.ones(self.num_envs, dtype=bool)  # the env's episode is still running (episodic mode)
+        observations, chains, step_index, logprobs, values = [], [], [], [], []
+        rewards, terminated, truncated, masks, episode_index = [], [], [], [], []
+        final_values: list[Tensor] = []  # (N,) per decision: V(final obs) where truncated, else 0
+        env_steps = 0
+        for _ in range(num_decisions):
+            if not continuous and not active.any():
+                break
+            batch = self.policy_inputs(self._observation)
+            sample = self.policy.sample(batch, mode)
+            succeeded = np.array([stats.success[i] for i in slot])
+            outcome = self._run_chunk(self.to_env_actions(sample.actions), active, succeeded)
+            self._observation = outcome["observation"]
+
+            for env in np.flatnonzero(active):
+                episode = slot[env]
+                stats.returns[episode] += float(outcome["reward"][env])
+                stats.lengths[episode] += int(outcome["steps"][env])
+                stats.success[episode] |= bool(outcome["success"][env])
+            env_steps += int(outcome["steps"].sum())
+            ended = outcome["terminated"] | outcome["truncated"]
+
+            final_value = torch.zeros(self.num_envs)
+            truncated_now = outcome["truncated"] & active
+            if truncated_now.any() and self.policy.value_head is not None:
+                final_inputs = self.policy_inputs(self._observation)  # frozen envs show their final obs
+                final_value = self.policy.value(final_inputs).float().cpu() * torch.from_numpy(truncated_now)
+
+            observations.append({k: v.to(self.storage_device) for k, v in self._storable(batch).items()})
+            chains.append(sample.chain.to(self.storage_device))
+            step_index.append(sample.step_index.cpu())
+            logprobs.append(sample.logprob.float().cpu())
+            values.append(sample.value.float().cpu())
+            rewards.append(torch.from_numpy(outcome["reward"]).float())
+            terminated.append(torch.from_numpy(outcome["terminated"] & active))
+            truncated.append(torch.from_numpy(truncated_now))
+            masks.append(torch.from_numpy(active.copy()))
+            episode_index.append(torch.from_numpy(np.where(active, slot, -1)))
+            final_values.append(final_value)
+
+            finished = ended & active
+            for env in np.flatnonzero(finished):
+                stats.done[slot[env]] = True
+            if continuous:
+                if finished.any():
+                    seeds = [None] * self.num_envs
+                    for env, seed in zip(
+                        np.flatnonzero(finished), self._take_seeds(int(finished.sum())), strict=True
+                    ):
+                        seeds[env] = seed
+                        slot[env] = stats.start()
+                    self._observation = self.reset(seeds, mask=finished)
+            else:
+                active &= ~finished
+
+        # V of the observation each decision led to: the next decision's value inside an episode, the
+        # final observation's value at a truncation (0 at a termination), and a bootstrap pass at the end.
+        values_t = torch.stack(values)  # (T, N)
+        next_values = torch.zeros_like(values_t)
+        next_values[:-1] = values_t[1:]
+        if continuous and self.policy.value_head is not None:
+            next_values[-1] = self.policy.value(self.policy_inputs(self._observation)).float().cpu()
+        ended_t = torch.stack(terminated) | torch.stack(truncated)
+        next_values = torch.where(ended_t, torch.stack(final_values), next_values)
+
+        return RolloutBatch(
+            observations={k: torch.stack([o[k] for o in observations]) for k in observations[0]},
+            chains=torch.stack(chains),
+            step_index=torch.stack(step_index),
+            logprobs=torch.stack(logprobs),
+            values=values_t,
+            rewards=torch.stack(rewards),
+            terminated=torch.stack(terminated),
+            truncated=torch.stack(truncated),
+            next_values=next_values,
+            mask=torch.stack(masks),
+            episode_index=torch.stack(episode_index),
+            episode_returns=torch.tensor(stats.returns, dtype=torch.float32),
+            episode_success=torch.tensor(stats.success, dtype=torch.bool),
+            episode_lengths=torch.tensor(stats.lengths, dtype=torch.int64),
+            episode_done=torch.tensor(stats.done, dtype=torch.bool),
+            env_steps=env_steps,
+        )

@@ -1,0 +1,100 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from lerobot_pirl.rl_policy import FlowRLPolicy
+from lerobot_pirl.rollout.collector import ChunkCollector
+from lerobot_pirl.testing.toy_adapter import ToyFlowAdapter
+from lerobot_pirl.testing.toy_envs import CountingEnv
+
+# CountingEnv: seeds that are multiples of 3 succeed at step 5, the others truncate at step 9.
+# The toy policy executes C = 2 actions per decision, so success lands in decision 2 (steps 5-6)
+# and truncation in decision 4 (steps 9-10).
+
+
+def make_collector(num_envs=2, **kwargs) -> ChunkCollector:
+    vec_env = gym.vector.SyncVectorEnv([CountingEnv for _ in range(num_envs)])
+    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    with torch.no_grad():  # a critic whose value depends on the observation, to see what it bootstraps on
+        policy.value_head[-1].weight.normal_()
+        policy.value_head[-1].bias.fill_(0.3)
+    return ChunkCollector(vec_env, policy, **kwargs)
+
+
+def value_of(collector: ChunkCollector, step: float, seed: float) -> float:
+    return float(collector.policy.value({"observation.state": torch.tensor([[step, seed, 0.0]])})[0])
+
+
+def test_episodic_rollout_sums_rewards_masks_after_the_end_and_bootstraps_only_truncations():
+    collector = make_collector(sparse_reward=False)
+    batch = collector.collect_episodes([0, 1], "flow_sde")
+    assert batch.chains.shape[:2] == (5, 2)  # env 1 runs 5 decisions, then everything is finished
+    assert batch.mask[:, 0].tolist() == [True, True, True, False, False]
+    assert batch.mask[:, 1].all()
+    # Dense reward 0.1 per step, counted only while the episode runs.
+    assert torch.allclose(batch.rewards[:3, 0], torch.tensor([0.2, 0.2, 0.1]))
+    assert torch.allclose(batch.rewards[:, 1], torch.tensor([0.2, 0.2, 0.2, 0.2, 0.1]))
+    assert batch.terminated[:, 0].tolist() == [False, False, True, False, False]  # success ends it
+    assert batch.truncated[:, 1].tolist() == [False, False, False, False, True]
+    assert not batch.truncated[:, 0].any() and not batch.terminated[:, 1].any()
+    assert batch.next_values[2, 0] == 0.0  # termination: no bootstrap
+    assert batch.next_values[4, 1] == pytest.approx(value_of(collector, 9.0, 1.0), abs=1e-6)
+    assert torch.allclose(batch.next_values[:2, 0], batch.values[1:3, 0])  # inside the episode: V(o_t+1)
+    assert batch.episode_success.tolist() == [True, False]
+    assert batch.episode_lengths.tolist() == [5, 9]
+    assert torch.allclose(batch.episode_returns, torch.tensor([0.5, 0.9]))
+    assert batch.env_steps == 14
+    assert batch.episode_index[:, 0].tolist() == [0, 0, 0, -1, -1]
+    # The truncated env froze: the simulator never ran the rest of its last chunk.
+    assert len(collector.vec_env.envs[1].unwrapped.actions) == 9
+
+
+def test_sparse_reward_is_paid_once_at_the_first_success():
+    collector = make_collector()  # sparse by default
+    batch = collector.collect_episodes([0, 3], "flow_sde")
+    assert batch.rewards[:, 0].tolist() == [0.0, 0.0, 1.0]
+    assert batch.episode_returns.tolist() == [1.0, 1.0]
+
+
+def test_continuous_rollout_restarts_finished_envs_with_fresh_seeds_at_chunk_boundaries():
+    collector = make_collector(seed=0)
+    first = collector.collect(6, "flow_sde")
+    state = first.observations["observation.state"]  # (T, N, 3): (step, seed, 0)
+    # env 0: seed 0 succeeds in decision 2, restarts with seed 2 at decision 3.
+    assert state[:, 0, 1].tolist() == [0, 0, 0, 2, 2, 2]
+    assert state[:, 0, 0].tolist() == [0, 2, 4, 0, 2, 4]
+    # env 1: seed 1 truncates in decision 4, restarts with seed 3 at decision 5.
+    assert state[:, 1, 1].tolist() == [1, 1, 1, 1, 1, 3]
+    assert first.mask.all()
+    assert first.terminated[2, 0] and first.truncated[4, 1]
+    assert first.next_values[4, 1] == pytest.approx(value_of(collector, 9.0, 1.0), abs=1e-6)
+    # the last decision bootstraps on the observation the rollout stopped at
+    assert first.next_values[5, 1] == pytest.approx(value_of(collector, 2.0, 3.0), abs=1e-6)
+    assert first.episode_done.tolist() == [True, True, False, False]
+    assert first.episode_index[:, 0].tolist() == [0, 0, 0, 2, 2, 2]
+
+    # The running episodes continue in the next rollout with their partial returns and lengths.
+    second = collector.collect(3, "flow_sde")
+    assert second.observations["observation.state"][0, 1].tolist() == [2.0, 3.0, 0.0]
+    # seed 3 succeeds at its step 5, i.e. in the second decision of this rollout
+    assert second.terminated[1, 1] and second.episode_success[1]
+    assert second.episode_lengths[1] == 5
+
+
+def test_actions_reach_the_env_postprocessed_and_chunked():
+    def postprocessor(actions):
+        return actions * 0 + 0.25  # every env action becomes 0.25
+
+    collector = make_collector(num_envs=1, postprocessor=postprocessor)
+    collector.collect_episodes([1], "ode")
+    actions = np.stack(collector.vec_env.envs[0].unwrapped.actions)
+    assert actions.shape == (9, 2) and np.all(actions == 0.25)
+
+
+def test_a_vector_env_that_cannot_freeze_is_refused():
+    class Opaque(gym.vector.VectorEnv):
+        num_envs = 1
+
+    with pytest.raises(TypeError, match="freeze"):
+        ChunkCollector(Opaque(), FlowRLPolicy(ToyFlowAdapter()))
