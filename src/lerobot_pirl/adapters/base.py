@@ -73,6 +73,11 @@ class FlowAdapter(nn.Module, abc.ABC):
         """Parameters that make up the observation encoder (VLM / prefix); frozen by default for VLAs."""
         return []
 
+    def policy_state_dict(self) -> dict[str, Tensor]:
+        """The wrapped policy's weights as its LeRobot type saves them (e.g. LoRA merged in), so the
+        checkpoint loads with the type's own `from_pretrained` and `lerobot-eval`."""
+        return self.policy.state_dict()
+
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters of the velocity network (action expert + projections)."""
         trunk = {id(p) for p in self.trunk_parameters()}

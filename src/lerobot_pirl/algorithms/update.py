@@ -53,6 +53,18 @@ class UpdateSamples:
             returns=returns[valid],
         )
 
+    @classmethod
+    def concatenate(cls, parts: list[UpdateSamples]) -> UpdateSamples:
+        return cls(
+            observations={k: torch.cat([p.observations[k] for p in parts]) for k in parts[0].observations},
+            chains=torch.cat([p.chains for p in parts]),
+            step_index=torch.cat([p.step_index for p in parts]),
+            old_logprobs=torch.cat([p.old_logprobs for p in parts]),
+            old_values=torch.cat([p.old_values for p in parts]),
+            advantages=torch.cat([p.advantages for p in parts]),
+            returns=torch.cat([p.returns for p in parts]),
+        )
+
     def __len__(self) -> int:
         return self.chains.shape[0]
 

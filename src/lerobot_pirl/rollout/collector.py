@@ -143,7 +143,7 @@ class ChunkCollector:
                 continue
         return [""] * self.num_envs
 
-    def _take_seeds(self, count: int) -> list[int]:
+    def take_seeds(self, count: int) -> list[int]:
         seeds = list(range(self.next_seed, self.next_seed + count))
         self.next_seed += count
         return seeds
@@ -179,7 +179,11 @@ class ChunkCollector:
     # ---- one decision -------------------------------------------------------------------------------
 
     def _run_chunk(
-        self, env_actions: np.ndarray, active: np.ndarray, succeeded: np.ndarray
+        self,
+        env_actions: np.ndarray,
+        active: np.ndarray,
+        succeeded: np.ndarray,
+        on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
     ) -> dict[str, np.ndarray | dict]:
         """Execute C steps. `active` (N,): the env's episode is running at the chunk start;
         `succeeded` (N,): it already succeeded (the sparse reward is paid once, at the first success)."""
@@ -195,6 +199,8 @@ class ChunkCollector:
             observation, step_reward, step_terminated, step_truncated, info = self.vec_env.step(
                 env_actions[c]
             )
+            if on_step is not None:
+                on_step(self.vec_env)
             step_succeeded = step_success(info, self.num_envs) & running
             steps_taken += running
             if self.sparse_reward:
@@ -224,7 +230,7 @@ class ChunkCollector:
         running during this rollout (`episode_done` False for those still running at its end).
         """
         if self._observation is None:
-            self._observation = self.reset(self._take_seeds(self.num_envs))
+            self._observation = self.reset(self.take_seeds(self.num_envs))
             self._carry = [(0.0, False, 0)] * self.num_envs
         stats = EpisodeStats()
         slot = np.array([stats.start(*carried) for carried in self._carry], dtype=np.int64)
@@ -233,11 +239,17 @@ class ChunkCollector:
         return batch
 
     def collect_episodes(
-        self, seeds: list[int], mode: SampleMode, max_decisions: int | None = None, before_reset=None
+        self,
+        seeds: list[int],
+        mode: SampleMode,
+        max_decisions: int | None = None,
+        before_reset: Callable[[gym.vector.VectorEnv, list[int]], None] | None = None,
+        on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
     ) -> RolloutBatch:
         """Episodic mode (GRPO, evaluation): one episode per env from the given seeds, masked after its end.
 
-        `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states). Leaves the
+        `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states); `on_step(vec_env)`
+        runs after the reset and after every env step (e.g. to record video frames). Leaves the
         continuous mode to restart from fresh resets.
         """
         if len(seeds) != self.num_envs:
@@ -245,12 +257,14 @@ class ChunkCollector:
         if before_reset is not None:
             before_reset(self.vec_env, seeds)
         self._observation = self.reset(list(seeds))
+        if on_step is not None:
+            on_step(self.vec_env)
         stats = EpisodeStats()
         slot = np.array([stats.start() for _ in range(self.num_envs)], dtype=np.int64)
         if max_decisions is None:
             max_steps = int(np.max(self.vec_env.call("_max_episode_steps")))
             max_decisions = -(-max_steps // self.policy.n_action_steps) + 1
-        batch = self._rollout(max_decisions, mode, stats, slot, continuous=False)
+        batch = self._rollout(max_decisions, mode, stats, slot, continuous=False, on_step=on_step)
         self._observation = None  # the continuous mode must not resume from these frozen envs
         return batch
 
@@ -261,6 +275,7 @@ class ChunkCollector:
         stats: EpisodeStats,
         slot: np.ndarray,
         continuous: bool,
+        on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
     ) -> RolloutBatch:
         """`slot` (N,): each env's running episode in `stats`, updated as episodes restart."""
         active = np.ones(self.num_envs, dtype=bool)  # the env's episode is still running (episodic mode)
@@ -274,7 +289,7 @@ class ChunkCollector:
             batch = self.policy_inputs(self._observation)
             sample = self.policy.sample(batch, mode)
             succeeded = np.array([stats.success[i] for i in slot])
-            outcome = self._run_chunk(self.to_env_actions(sample.actions), active, succeeded)
+            outcome = self._run_chunk(self.to_env_actions(sample.actions), active, succeeded, on_step)
             self._observation = outcome["observation"]
 
             for env in np.flatnonzero(active):
@@ -310,7 +325,7 @@ class ChunkCollector:
                 if finished.any():
                     seeds = [None] * self.num_envs
                     for env, seed in zip(
-                        np.flatnonzero(finished), self._take_seeds(int(finished.sum())), strict=True
+                        np.flatnonzero(finished), self.take_seeds(int(finished.sum())), strict=True
                     ):
                         seeds[env] = seed
                         slot[env] = stats.start()
