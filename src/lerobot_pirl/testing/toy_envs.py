@@ -53,7 +53,7 @@ class PointTargetEnv(gym.Env):
     """Continuous bandit: act near a fixed target; reward -||a - target||² per step (dense).
 
     The observation is a constant 2-d context so the policy's optimum is the target itself. An episode
-    is `max_steps` steps (one or a few decisions); it never succeeds.
+    is `max_steps` steps (one or a few decisions) and then terminates; it never succeeds.
     """
 
     metadata = {"render_modes": []}
@@ -78,4 +78,4 @@ class PointTargetEnv(gym.Env):
         self._step += 1
         error = float(np.sum((np.asarray(action, dtype=np.float32) - self.target) ** 2))
         observation = {"agent_pos": np.array([0.3, -0.2], dtype=np.float32)}
-        return observation, -error, False, self._step >= self._max_episode_steps, {"is_success": False}
+        return observation, -error, self._step >= self._max_episode_steps, False, {"is_success": False}
