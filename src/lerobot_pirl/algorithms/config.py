@@ -50,6 +50,11 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     def type(self) -> str:
         return self.get_choice_name(self.__class__)
 
+    @classmethod
+    def default_choice_name(cls) -> str:
+        """`--algorithm.actor_lr=...` without `--algorithm.type` means PPO."""
+        return "ppo"
+
     @property
     def uses_critic(self) -> bool:
         return True

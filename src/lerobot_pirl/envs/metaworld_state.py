@@ -46,6 +46,7 @@ from gymnasium import spaces
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.envs.metaworld import TASK_DESCRIPTIONS
+from lerobot.envs.utils import freeze_after_episode_end
 from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_IMAGE, OBS_STATE
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE, MT50_V3
 
@@ -297,7 +298,12 @@ class MetaWorldStateEnvConfig(EnvConfig):
     ) -> dict[str, dict[int, gym.vector.VectorEnv]]:
         if n_envs < 1:
             raise ValueError(f"n_envs must be at least 1, got {n_envs}")
-        env_fns = [functools.partial(MetaWorldStateEnv, **self.gym_kwargs) for _ in range(n_envs)]
+        # Sub-envs freeze at the end of an episode until an explicit new rollout (LeRobot's wrapper): the
+        # chunk collector relies on it to never run stale chunk actions in a fresh episode.
+        env_fns = [
+            freeze_after_episode_end(functools.partial(MetaWorldStateEnv, **self.gym_kwargs))
+            for _ in range(n_envs)
+        ]
         autoreset_mode = gym.vector.AutoresetMode.SAME_STEP
         if use_async_envs and n_envs > 1:
             # forkserver: workers start clean, without the parent's MuJoCo/GL state (as LeRobot does).

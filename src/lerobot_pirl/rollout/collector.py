@@ -42,22 +42,23 @@ def _identity(x: Any) -> Any:
 def freeze_finished_episodes(vec_env: gym.vector.VectorEnv) -> gym.vector.VectorEnv:
     """Make sure every sub-env freezes at the end of its episode (see module docstring).
 
-    LeRobot's async vector envs already wrap their sub-envs; sync ones are wrapped here in place.
+    Sync vector envs are wrapped here in place; async ones must have been built from factories wrapped
+    with `lerobot.envs.utils.freeze_after_episode_end` (LeRobot's async envs and ours are).
     """
     if isinstance(vec_env, gym.vector.SyncVectorEnv):
         vec_env.envs = [
             e if isinstance(e, FreezeAfterEpisodeEnd) else FreezeAfterEpisodeEnd(e) for e in vec_env.envs
         ]
         return vec_env
-    if (
-        getattr(vec_env, "_freezes_finished_episodes", False)
-        or type(vec_env).__name__ == "_LazyAsyncVectorEnv"
-    ):
-        return vec_env  # LeRobot's lazy async env (and ours) wrap every sub-env in FreezeAfterEpisodeEnd
-    raise TypeError(
-        f"{type(vec_env).__name__} does not freeze finished episodes; use a SyncVectorEnv, LeRobot's async "
-        "envs, or wrap sub-env factories with lerobot.envs.utils.freeze_after_episode_end"
-    )
+    try:
+        vec_env.get_attr("is_frozen")  # only FreezeAfterEpisodeEnd has it
+    except (AttributeError, NotImplementedError) as error:
+        raise TypeError(
+            f"the sub-envs of this {type(vec_env).__name__} do not freeze finished episodes; use a "
+            "SyncVectorEnv or build the async env from factories wrapped with "
+            "lerobot.envs.utils.freeze_after_episode_end"
+        ) from error
+    return vec_env
 
 
 def step_success(info: dict, num_envs: int) -> np.ndarray:

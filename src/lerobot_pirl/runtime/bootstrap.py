@@ -1,0 +1,148 @@
+"""The few-shot SFT starting point of the main job: scripted MetaWorld demos -> flow_mlp, cached.
+
+πRL starts from a supervised policy that succeeds sometimes (the paper's few-shot SFT baselines sit at
+40-77%; REFERENCE.md §3: runs starting below ~5% noisy success never took off). Without
+`--policy.path`, `lerobot-pirl-train` records a few imperfect expert demos of the task and trains a
+flow_mlp on them with LeRobot's flow-matching loss, once; later runs reuse the cached checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lerobot.configs.types import FeatureType
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+from lerobot.utils.constants import ACTION
+from lerobot.utils.feature_utils import dataset_to_policy_features
+from tqdm.auto import tqdm
+
+from lerobot_pirl.policies.flow_mlp.configuration_flow_mlp import FlowMLPConfig
+from lerobot_pirl.policies.flow_mlp.modeling_flow_mlp import FlowMLPPolicy
+from lerobot_pirl.policies.flow_mlp.processor_flow_mlp import make_flow_mlp_pre_post_processors
+from lerobot_pirl.rollout.scripted_demos import record_metaworld_demos
+
+logger = logging.getLogger(__name__)
+
+
+def chunked_dataset_tensors(dataset: LeRobotDataset, chunk_size: int) -> dict[str, torch.Tensor]:
+    """All frames in memory with their action chunks, as LeRobot's delta timestamps would give them.
+
+    Returns observation tensors (M, ...), `action` (M, H, D) and `action_is_pad` (M, H): the chunk of
+    frame i is the actions i..i+H-1 of its episode, the steps past the episode end repeating the last
+    action and marked as padding (LeRobot's convention, which its loss masks out).
+    """
+    frames = dataset.hf_dataset.with_format("torch")[:]
+    episode = frames["episode_index"]  # (M,)
+    actions = frames[ACTION].float()  # (M, D)
+    num_frames = actions.shape[0]
+    offsets = torch.arange(chunk_size)
+    index = torch.arange(num_frames)[:, None] + offsets[None, :]  # (M, H)
+    index = index.clamp(max=num_frames - 1)
+    is_pad = episode[index] != episode[:, None]  # past this episode's end
+    last_of_episode = torch.zeros(num_frames, dtype=torch.long)
+    for ep in episode.unique():
+        members = torch.nonzero(episode == ep).flatten()
+        last_of_episode[members] = members.max()
+    index = torch.minimum(index, last_of_episode[:, None])
+    tensors = {
+        key: value.float()
+        for key, value in frames.items()
+        if key.startswith("observation.") and isinstance(value, torch.Tensor)
+    }
+    tensors[ACTION] = actions[index]  # (M, H, D)
+    tensors["action_is_pad"] = is_pad
+    return tensors
+
+
+def train_flow_mlp(
+    dataset: LeRobotDataset,
+    output_dir: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    learning_rate: float = 1e-3,
+    config_overrides: dict | None = None,
+) -> Path:
+    """Supervised flow matching of a flow_mlp on `dataset`; saves policy + processors to `output_dir`."""
+    torch.manual_seed(seed)
+    features = dataset_to_policy_features(dataset.meta.features)
+    config = FlowMLPConfig(
+        input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
+        output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
+        device="cpu",
+        push_to_hub=False,
+        **(config_overrides or {}),
+    )
+    policy = FlowMLPPolicy(config)
+    preprocessor, postprocessor = make_flow_mlp_pre_post_processors(config, dataset_stats=dataset.meta.stats)
+    data = chunked_dataset_tensors(dataset, config.chunk_size)
+    num_frames = data[ACTION].shape[0]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=learning_rate, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    policy.train()
+    progress = tqdm(range(steps), desc="SFT flow_mlp", leave=False)
+    for _ in progress:
+        index = torch.randint(0, num_frames, (batch_size,), generator=generator)
+        batch = preprocessor({k: v[index] for k, v in data.items()})
+        loss, _ = policy.forward(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    policy.eval()
+    policy.save_pretrained(output_dir)
+    preprocessor.save_pretrained(output_dir)
+    postprocessor.save_pretrained(output_dir)
+    return output_dir
+
+
+def bootstrap_flow_policy(env_cfg, cfg, seed: int) -> Path:
+    """The cached few-shot flow_mlp checkpoint for `env_cfg`'s MetaWorld task (made on first use)."""
+    if env_cfg.type != "metaworld_state":
+        raise ValueError(
+            "without --policy.path the few-shot bootstrap needs --env.type=metaworld_state; "
+            "pass --policy.path=<a flow policy checkpoint> for other envs"
+        )
+    recipe = {
+        "task": env_cfg.task,
+        "image_size": env_cfg.image_size,
+        "episode_length": env_cfg.episode_length,
+        "seed": seed,
+        **{k: str(v) for k, v in asdict(cfg).items() if k != "cache_dir"},
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+    root = Path(cfg.cache_dir).expanduser() / f"{env_cfg.task}-{key}"
+    policy_dir = root / "policy"
+    if (policy_dir / "model.safetensors").exists():
+        logger.info("Using the cached few-shot policy %s", policy_dir)
+        return policy_dir
+
+    logger.info(
+        "Bootstrapping a few-shot flow_mlp on %s (%d demos); cached in %s", env_cfg.task, cfg.num_demos, root
+    )
+    if root.exists():  # an interrupted earlier bootstrap
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    dataset = record_metaworld_demos(
+        env_cfg.task,
+        cfg.num_demos,
+        root / "demos",
+        action_noise=cfg.action_noise,
+        seed=seed,
+        image_size=env_cfg.image_size,
+        episode_length=env_cfg.episode_length,
+    )
+    staging = root / "policy.partial"
+    train_flow_mlp(dataset, staging, steps=cfg.sft_steps, batch_size=cfg.batch_size, seed=seed)
+    (root / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    staging.rename(policy_dir)
+    return policy_dir

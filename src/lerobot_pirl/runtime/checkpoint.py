@@ -1,0 +1,119 @@
+"""Checkpoints in LeRobot's layout, written so that a crash never leaves a half checkpoint behind.
+
+<output_dir>/checkpoints/<iteration>/pretrained_model/   the policy, as its own LeRobot type, with
+                                                         its processors: `lerobot-eval` and
+                                                         `from_pretrained` load it unchanged
+<output_dir>/checkpoints/<iteration>/training_state/     optimizer, scheduler, RNG, step (LeRobot's
+                                                         files) + RL heads, algorithm config, and
+                                                         the trainer's counters
+<output_dir>/checkpoints/last -> <iteration>
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import draccus
+import torch
+from lerobot.common.train_utils import (
+    get_step_checkpoint_dir,
+    load_training_state,
+    save_training_state,
+    update_last_checkpoint,
+)
+from lerobot.utils.constants import (
+    CHECKPOINTS_DIR,
+    LAST_CHECKPOINT_LINK,
+    PRETRAINED_MODEL_DIR,
+    TRAINING_STATE_DIR,
+)
+from safetensors.torch import load_file, save_file
+
+from lerobot_pirl.rl_policy import FlowRLPolicy
+
+HEADS_FILE = "rl_heads.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+ALGORITHM_FILE = "algorithm_config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@dataclass
+class TrainerState:
+    iteration: int = 0  # completed rollout + update cycles
+    env_steps: int = 0  # training env steps so far
+    next_env_seed: int = 0  # the collector's reset-seed counter, so a resumed run sees new episodes
+    elapsed_s: float = 0.0
+    sft_success_rate: float | None = None  # the baseline, evaluated before the first update
+    sft_eval_episodes: int = 0
+
+
+def save_config(cfg, path: Path) -> None:
+    with open(path, "w") as f, draccus.config_type("json"):
+        draccus.dump(cfg, f, indent=4)
+
+
+def save_checkpoint(
+    output_dir: Path,
+    *,
+    cfg,
+    total_iterations: int,
+    policy: FlowRLPolicy,
+    preprocessor,
+    postprocessor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    state: TrainerState,
+) -> Path:
+    """Write checkpoints/<iteration>/ via a temporary folder, then point `last` at it."""
+    final_dir = get_step_checkpoint_dir(output_dir, total_iterations, state.iteration)
+    staging = final_dir.with_name(final_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    pretrained = staging / PRETRAINED_MODEL_DIR
+    lerobot_policy = policy.adapter.policy
+    lerobot_policy.save_pretrained(pretrained, state_dict=policy.adapter.policy_state_dict())
+    preprocessor.save_pretrained(pretrained)
+    postprocessor.save_pretrained(pretrained)
+    save_config(cfg, pretrained / TRAIN_CONFIG_FILE)
+
+    save_training_state(staging, state.iteration, optimizer, scheduler)
+    training_state = staging / TRAINING_STATE_DIR
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in policy.heads_state_dict().items()},
+        training_state / HEADS_FILE,
+    )
+    with open(training_state / ALGORITHM_FILE, "w") as f, draccus.config_type("json"):
+        draccus.dump(cfg.algorithm, f, indent=4)
+    (training_state / TRAINER_STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
+
+    if final_dir.exists():  # a re-run of the same iteration after a resume
+        shutil.rmtree(final_dir)
+    staging.rename(final_dir)
+    update_last_checkpoint(final_dir)
+    return final_dir
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    last = Path(output_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT_LINK
+    return last.resolve() if last.exists() else None
+
+
+def load_trainer_state(checkpoint_dir: Path) -> TrainerState:
+    return TrainerState(**json.loads((checkpoint_dir / TRAINING_STATE_DIR / TRAINER_STATE_FILE).read_text()))
+
+
+def restore_training_state(
+    checkpoint_dir: Path,
+    policy: FlowRLPolicy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+) -> TrainerState:
+    """Load heads, optimizer, scheduler and RNG (the policy weights come from pretrained_model/)."""
+    training_state = checkpoint_dir / TRAINING_STATE_DIR
+    heads = load_file(training_state / HEADS_FILE)
+    policy.load_heads_state_dict({k: v.to(next(policy.parameters()).device) for k, v in heads.items()})
+    load_training_state(checkpoint_dir, optimizer, scheduler)
+    return load_trainer_state(checkpoint_dir)

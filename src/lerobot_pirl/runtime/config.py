@@ -1,0 +1,129 @@
+"""`lerobot-pirl-train` configuration (draccus, LeRobot-style flags).
+
+    lerobot-pirl-train --policy.path=<sft checkpoint> --env.type=metaworld_state --env.task=push-v3 \
+        --algorithm.type=ppo --algorithm.exploration=flow_sde --output_dir=outputs/push
+
+With no `--policy.path` the few-shot flow_mlp is bootstrapped on the default MetaWorld task
+(scripted demos -> supervised flow matching, cached) and then fine-tuned: the README's main job.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lerobot.configs import parser
+from lerobot.configs.default import WandBConfig
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.envs.configs import EnvConfig
+
+import lerobot_pirl.envs  # noqa: F401  (registers --env.type=metaworld_state)
+import lerobot_pirl.policies  # noqa: F401  (registers --policy.type=flow_mlp)
+from lerobot_pirl.algorithms.config import AlgorithmConfig, PPOConfig
+
+DEFAULT_TASK = "button-press-topdown-v3"
+
+
+def _default_env() -> EnvConfig:
+    return EnvConfig.get_choice_class("metaworld_state")(task=DEFAULT_TASK)
+
+
+@dataclass
+class RolloutConfig:
+    num_envs: int = 8  # parallel envs for training rollouts
+    use_async_envs: bool = False  # one process per env (worth it when one env step is slow, e.g. LIBERO)
+    decisions_per_env: int = 32  # PPO: action chunks per env per iteration (episodes carry over)
+    episodes_per_env: int = 1  # GRPO: whole episodes per env per iteration
+    n_action_steps: int | None = None  # C, actions executed per decision; None = the policy's own
+    num_inference_steps: int | None = None  # K, denoising steps (training AND eval); None = the policy's
+    sparse_reward: bool = True  # +1 at the first success, else 0; false = the env's dense reward
+    end_on_success: bool = True
+    storage_device: str = "cpu"  # where rollout tensors wait for the update
+
+
+@dataclass
+class EvalConfig:
+    freq: int = 10  # iterations between deterministic evaluations (0 = only at start and end)
+    n_episodes: int = 50
+    batch_size: int = 10  # parallel eval envs
+    seed: int = 100_000  # eval episode i uses seed + i: the same episodes for every checkpoint
+    videos: int = 2  # episodes to record per evaluation (when the env renders)
+
+
+@dataclass
+class PolicyOptionsConfig:
+    """How the LeRobot policy is trained (adapter options)."""
+
+    train_vlm: bool = False  # VLAs: train the VLM/prefix too (default: action expert only)
+    lora_rank: int = 0  # VLAs: LoRA on the action expert instead of full fine-tuning (0 = off)
+    autocast_dtype: str | None = None  # "bfloat16" for VLAs on GPU; heads and log-probs stay float32
+    gradient_checkpointing: bool = False
+    freeze_trunk: bool = False  # flow_mlp: keep the observation encoder fixed
+
+
+@dataclass
+class BootstrapConfig:
+    """The few-shot SFT policy made when no --policy.path is given (cached under cache_dir)."""
+
+    num_demos: int = 10
+    action_noise: float = 0.1  # imperfect demos
+    sft_steps: int = 3000
+    batch_size: int = 256
+    cache_dir: Path = Path("~/.cache/lerobot_pirl/bootstrap")
+
+
+@dataclass
+class TrainConfig:
+    policy: PreTrainedConfig | None = None
+    env: EnvConfig = field(default_factory=_default_env)
+    algorithm: AlgorithmConfig = field(default_factory=PPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    policy_options: PolicyOptionsConfig = field(default_factory=PolicyOptionsConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    wandb: WandBConfig = field(default_factory=WandBConfig)
+
+    iterations: int = 60  # rollout + update cycles
+    max_env_steps: int | None = None  # stop earlier once this many training env steps were taken
+    max_minutes: float | None = None  # stop earlier after this much wall time (a checkpoint is saved)
+    save_freq: int = 10  # iterations between checkpoints (the last one is always saved)
+    output_dir: Path | None = None
+    job_name: str | None = None
+    resume: bool = False  # continue the run in --output_dir from its checkpoints/last
+    seed: int = 1000
+    device: str | None = None  # None: cuda if available, else cpu
+
+    def validate(self) -> None:
+        """Resolve `--policy.path` (LeRobot convention) and check values before any work starts."""
+        policy_path = parser.get_path_arg("policy")
+        if policy_path:
+            overrides = parser.get_cli_overrides("policy") or []
+            self.policy = PreTrainedConfig.from_pretrained(policy_path, cli_overrides=overrides)
+            self.policy.pretrained_path = Path(policy_path)
+        if self.rollout.num_envs < 1 or self.iterations < 1:
+            raise ValueError("--rollout.num_envs and --iterations must be >= 1")
+        if self.algorithm.type == "grpo" and self.rollout.num_envs % self.algorithm.group_size:
+            raise ValueError(
+                f"GRPO: --rollout.num_envs={self.rollout.num_envs} must be a multiple of "
+                f"--algorithm.group_size={self.algorithm.group_size}"
+            )
+        if not self.job_name:
+            policy_name = self.policy.type if self.policy is not None else "flow_mlp"
+            self.job_name = f"{self.env.type}_{self.env.task}_{policy_name}_{self.algorithm.type}"
+        if self.output_dir is None:
+            if self.resume:
+                raise ValueError("--resume=true needs the --output_dir of the run to continue")
+            now = dt.datetime.now()
+            self.output_dir = Path("outputs/train") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
+
+    def push_to_hub_requested(self) -> bool:
+        """Only an explicit `--policy.push_to_hub=true` pushes: a loaded SFT config may carry True and
+        the SFT repo's id, and silently overwriting a user's SFT repo would be a bad surprise."""
+        overrides = parser.get_cli_overrides("policy") or []
+        return self.policy is not None and "--push_to_hub=true" in [o.lower() for o in overrides]
+
+    @classmethod
+    def __get_path_fields__(cls) -> list[str]:
+        """Lets LeRobot's parser load the policy config from `--policy.path=local/dir or hub id`."""
+        return ["policy"]

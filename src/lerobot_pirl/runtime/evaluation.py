@@ -1,0 +1,125 @@
+"""Deterministic evaluation: the same ODE sampler, K and episode seeds for the SFT baseline and every
+RL checkpoint (REFERENCE.md §3: protocol mismatches explain most "RL made it worse" reports)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from lerobot.utils.io_utils import write_video
+from scipy.stats import binomtest
+
+from lerobot_pirl.rollout.collector import ChunkCollector
+
+
+def success_interval(successes: int, episodes: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a success rate (well-behaved at 0% and 100%, unlike the normal one)."""
+    if episodes == 0:
+        return (math.nan, math.nan)
+    interval = binomtest(successes, episodes).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(interval.low), float(interval.high))
+
+
+@dataclass
+class EvalResult:
+    success_rate: float
+    ci_low: float
+    ci_high: float
+    n_episodes: int
+    mean_return: float
+    mean_length: float
+    successes: list[bool] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{100 * self.success_rate:.1f}% [{100 * self.ci_low:.1f}, {100 * self.ci_high:.1f}] "
+            f"({self.n_episodes} episodes)"
+        )
+
+    def to_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        return {
+            f"{prefix}/success_rate": self.success_rate,
+            f"{prefix}/ci_low": self.ci_low,
+            f"{prefix}/ci_high": self.ci_high,
+            f"{prefix}/episodes": float(self.n_episodes),
+            f"{prefix}/episode_return": self.mean_return,
+            f"{prefix}/episode_length": self.mean_length,
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _FrameRecorder:
+    """Collects RGB frames of the first `count` sub-envs after every step (when the env renders)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.frames: list[list[np.ndarray]] = [[] for _ in range(count)]
+        self.enabled = count > 0
+
+    def __call__(self, vec_env: gym.vector.VectorEnv) -> None:
+        if not self.enabled:
+            return
+        try:
+            if isinstance(vec_env, gym.vector.SyncVectorEnv):
+                images = [vec_env.envs[i].render() for i in range(self.count)]
+            else:
+                images = list(vec_env.call("render"))[: self.count]
+        except (AttributeError, NotImplementedError, TypeError):
+            images = [None]
+        if any(image is None for image in images):
+            self.enabled = False  # this env does not render: no videos
+            return
+        for frames, image in zip(self.frames, images, strict=True):
+            frames.append(np.asarray(image))
+
+
+def evaluate(
+    collector: ChunkCollector,
+    n_episodes: int,
+    seed: int,
+    *,
+    video_dir: Path | None = None,
+    n_videos: int = 0,
+    video_prefix: str = "eval",
+    fps: int = 30,
+    before_reset=None,
+) -> EvalResult:
+    """Run `n_episodes` deterministic (ODE) episodes, episode i reset with `seed + i`."""
+    num_envs = collector.num_envs
+    successes, returns, lengths = [], [], []
+    videos = []
+    round_index = 0
+    while len(successes) < n_episodes:
+        seeds = [seed + round_index * num_envs + i for i in range(num_envs)]
+        recorder = _FrameRecorder(min(n_videos, num_envs) if round_index == 0 and video_dir else 0)
+        batch = collector.collect_episodes(seeds, "ode", before_reset=before_reset, on_step=recorder)
+        take = min(num_envs, n_episodes - len(successes))
+        successes += batch.episode_success[:take].tolist()
+        returns += batch.episode_returns[:take].tolist()
+        lengths += batch.episode_lengths[:take].tolist()
+        if recorder.enabled and video_dir is not None:
+            video_dir.mkdir(parents=True, exist_ok=True)
+            for i, frames in enumerate(recorder.frames):
+                # Only the frames of the episode itself: it ends after `length` steps (+ the reset frame).
+                frames = frames[: int(batch.episode_lengths[i]) + 1]
+                path = video_dir / f"{video_prefix}_episode_{i}.mp4"
+                write_video(path, frames, fps)
+                videos.append(str(path))
+        round_index += 1
+    low, high = success_interval(int(sum(successes)), len(successes))
+    return EvalResult(
+        success_rate=float(np.mean(successes)),
+        ci_low=low,
+        ci_high=high,
+        n_episodes=len(successes),
+        mean_return=float(np.mean(returns)),
+        mean_length=float(np.mean(lengths)),
+        successes=[bool(s) for s in successes],
+        videos=videos,
+    )

@@ -1,0 +1,1 @@
+"""Console entry points: lerobot-pirl-train, lerobot-pirl-eval, lerobot-pirl-learner, lerobot-pirl-actor."""

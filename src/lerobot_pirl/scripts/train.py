@@ -1,0 +1,55 @@
+"""`lerobot-pirl-train`: online RL fine-tuning of a LeRobot flow policy (see runtime/config.py).
+
+No `from __future__ import annotations` here: LeRobot's parser reads the config class from the
+annotation of `main`, which must stay a real type."""
+
+
+import logging
+import sys
+
+from lerobot.configs import parser
+
+from lerobot_pirl.runtime.config import TrainConfig
+
+
+def train(cfg: TrainConfig):
+    """Build and run the trainer; returns its TrainResult. Raises ConfigError on bad input."""
+    from lerobot_pirl.runtime.trainer import Trainer
+
+    cfg.validate()
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    if result.checkpoint_dir is not None and cfg.push_to_hub_requested():
+        from lerobot_pirl.runtime.hub import push_checkpoint
+
+        url = push_checkpoint(result.checkpoint_dir, cfg.policy.repo_id, private=bool(cfg.policy.private))
+        logging.info("Policy pushed to %s", url)
+    return result
+
+
+@parser.wrap()
+def main(cfg: TrainConfig) -> int:
+    from lerobot_pirl.runtime.trainer import ConfigError
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        result = train(cfg)
+    except ConfigError as error:
+        print(f"lerobot-pirl-train: error: {error}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    print(f"checkpoint: {result.checkpoint_dir}")
+    if result.stopped_by_error:
+        print(f"stopped: {result.stopped_by_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
