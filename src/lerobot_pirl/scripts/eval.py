@@ -1,0 +1,104 @@
+"""`lerobot-pirl-eval`: deterministic (ODE) evaluation of a flow policy with a 95% confidence interval.
+
+    lerobot-pirl-eval --policy.path=outputs/push/checkpoints/last/pretrained_model \\
+        --env.type=metaworld_state --env.task=push-v3 --eval.n_episodes=100
+
+The protocol is the trainer's: the same sampler, K, and episode seeds (`--eval.seed` + i), so the SFT
+baseline and every RL checkpoint are compared on the same episodes. Writes `eval_info.json` (and videos
+when the env renders) to `--output_dir`.
+
+No `from __future__ import annotations`: LeRobot's parser reads the config class from `main`'s annotation.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lerobot.configs import parser
+from lerobot.configs.policies import PreTrainedConfig
+from lerobot.envs.configs import EnvConfig
+
+from lerobot_pirl.runtime.config import EvalConfig, RolloutConfig, _default_env
+
+
+@dataclass
+class EvalPipelineConfig:
+    policy: PreTrainedConfig | None = None
+    env: EnvConfig = field(default_factory=_default_env)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # uses n_action_steps, K, rewards
+    output_dir: Path | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        policy_path = parser.get_path_arg("policy")
+        if not policy_path:
+            raise ValueError("lerobot-pirl-eval needs --policy.path=<checkpoint folder or hub id>")
+        self.policy = PreTrainedConfig.from_pretrained(
+            policy_path, cli_overrides=parser.get_cli_overrides("policy")
+        )
+        self.policy.pretrained_path = Path(policy_path)
+
+    @classmethod
+    def __get_path_fields__(cls) -> list[str]:
+        return ["policy"]
+
+
+def evaluate_policy(cfg: EvalPipelineConfig):
+    """Load the policy, build `eval.batch_size` envs, run `eval.n_episodes` ODE episodes."""
+    from lerobot.envs.utils import close_envs
+
+    from lerobot_pirl.runtime.config import TrainConfig
+    from lerobot_pirl.runtime.evaluation import evaluate
+    from lerobot_pirl.runtime.trainer import build_collector, build_rl_policy, resolve_device
+
+    device = resolve_device(cfg.device)
+    train_cfg = TrainConfig(policy=cfg.policy, env=cfg.env, rollout=cfg.rollout, eval=cfg.eval)
+    policy, preprocessor, postprocessor = build_rl_policy(train_cfg, cfg.policy.pretrained_path, device)
+    collector, envs = build_collector(
+        train_cfg, policy, preprocessor, postprocessor, num_envs=cfg.eval.batch_size, device=device
+    )
+    try:
+        video_dir = Path(cfg.output_dir) / "videos" if cfg.output_dir else None
+        return evaluate(
+            collector,
+            cfg.eval.n_episodes,
+            cfg.eval.seed,
+            video_dir=video_dir,
+            n_videos=cfg.eval.videos if video_dir else 0,
+            fps=cfg.env.fps,
+        )
+    finally:
+        close_envs(envs)
+
+
+@parser.wrap()
+def main(cfg: EvalPipelineConfig) -> int:
+    from lerobot_pirl.runtime.trainer import ConfigError
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
+    torch.set_grad_enabled(False)
+    try:
+        cfg.validate()
+        result = evaluate_policy(cfg)
+    except (ConfigError, ValueError, OSError) as error:
+        print(f"lerobot-pirl-eval: error: {error}", file=sys.stderr)
+        return 2
+    print(f"success {result.summary()}")
+    if cfg.output_dir is not None:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "eval_info.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
