@@ -25,6 +25,26 @@ from lerobot_pirl.algorithms.config import AlgorithmConfig, PPOConfig
 DEFAULT_TASK = "button-press-topdown-v3"
 
 
+class ConfigError(ValueError):
+    """Bad user input found before any work starts; the CLIs print it as one line."""
+
+
+def load_policy_config(policy_path: str, cli_overrides: list[str]) -> PreTrainedConfig:
+    """The config of `--policy.path` (a folder or hub id) with its `--policy.*` overrides applied."""
+    looks_local = policy_path.startswith(("/", ".", "~")) or policy_path.count("/") != 1
+    if looks_local and not Path(policy_path).expanduser().exists():
+        raise ConfigError(f"--policy.path={policy_path}: no such folder (nor a hub id of the form user/name)")
+    try:
+        config = PreTrainedConfig.from_pretrained(policy_path, cli_overrides=cli_overrides)
+    except Exception as error:  # hub, file-system and draccus errors alike end the same way for a user
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"could not read a policy config at --policy.path={policy_path}: {message}"
+        ) from error
+    config.pretrained_path = Path(policy_path)
+    return config
+
+
 def _default_env() -> EnvConfig:
     return EnvConfig.get_choice_class("metaworld_state")(task=DEFAULT_TASK)
 
@@ -98,13 +118,11 @@ class TrainConfig:
         """Resolve `--policy.path` (LeRobot convention) and check values before any work starts."""
         policy_path = parser.get_path_arg("policy")
         if policy_path:
-            overrides = parser.get_cli_overrides("policy") or []
-            self.policy = PreTrainedConfig.from_pretrained(policy_path, cli_overrides=overrides)
-            self.policy.pretrained_path = Path(policy_path)
+            self.policy = load_policy_config(policy_path, parser.get_cli_overrides("policy") or [])
         if self.rollout.num_envs < 1 or self.iterations < 1:
-            raise ValueError("--rollout.num_envs and --iterations must be >= 1")
+            raise ConfigError("--rollout.num_envs and --iterations must be >= 1")
         if self.algorithm.type == "grpo" and self.rollout.num_envs % self.algorithm.group_size:
-            raise ValueError(
+            raise ConfigError(
                 f"GRPO: --rollout.num_envs={self.rollout.num_envs} must be a multiple of "
                 f"--algorithm.group_size={self.algorithm.group_size}"
             )
@@ -113,7 +131,7 @@ class TrainConfig:
             self.job_name = f"{self.env.type}_{self.env.task}_{policy_name}_{self.algorithm.type}"
         if self.output_dir is None:
             if self.resume:
-                raise ValueError("--resume=true needs the --output_dir of the run to continue")
+                raise ConfigError("--resume=true needs the --output_dir of the run to continue")
             now = dt.datetime.now()
             self.output_dir = Path("outputs/train") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
 

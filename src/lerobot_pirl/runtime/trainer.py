@@ -38,15 +38,11 @@ from lerobot_pirl.runtime.checkpoint import (
     save_checkpoint,
     save_config,
 )
-from lerobot_pirl.runtime.config import TrainConfig
+from lerobot_pirl.runtime.config import ConfigError, TrainConfig
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.metrics import MetricsLog, plot_learning_curves
 
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """Bad user input found before any work starts; the CLI prints it as one line."""
 
 
 @dataclass
@@ -160,13 +156,21 @@ def resolve_policy_source(cfg: TrainConfig, resume_from: Path | None) -> str | P
 
 
 def build_rl_policy(
-    cfg: TrainConfig, policy_path: str | Path, device: torch.device, apply_cli_overrides: bool = True
+    cfg: TrainConfig,
+    policy_path: str | Path,
+    device: torch.device,
+    apply_cli_overrides: bool = True,
+    tokenizer: object | None = None,
 ) -> tuple[FlowRLPolicy, object, object]:
-    """Load the LeRobot policy with its processors, check it against the env, wrap it for RL."""
+    """Load the LeRobot policy with its processors, check it against the env, wrap it for RL.
+
+    `tokenizer`: a tokenizer object for the policy's tokenizer step instead of the one its saved
+    preprocessor names (pi0/pi05 name the gated `google/paligemma-3b-pt-224`), e.g. to work offline.
+    """
     overrides = cli_policy_overrides(cfg.policy) if apply_cli_overrides else {}
     try:
         lerobot_policy, preprocessor, postprocessor = load_flow_policy(
-            policy_path, device=str(device), **overrides
+            policy_path, device=str(device), tokenizer=tokenizer, **overrides
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise ConfigError(f"could not load the policy from {policy_path}: {error}") from error
@@ -271,6 +275,7 @@ class Trainer:
         self.policy, self.preprocessor, self.postprocessor = build_rl_policy(
             cfg, policy_path, self.device, apply_cli_overrides=self.resume_from is None
         )
+        self.output_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs proved good
         self.optimizer = make_optimizer(self.policy, cfg.algorithm)
         self.scheduler = make_lr_scheduler(self.optimizer, cfg.algorithm, cfg.iterations)
 
@@ -304,7 +309,6 @@ class Trainer:
                 f"output dir {self.output_dir} already holds a run; pass --resume=true to continue it "
                 "or choose another --output_dir"
             )
-        self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _init_wandb(self):
         if not self.cfg.wandb.enable:

@@ -21,7 +21,13 @@ from lerobot.configs import parser
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
 
-from lerobot_pirl.runtime.config import EvalConfig, RolloutConfig, _default_env
+from lerobot_pirl.runtime.config import (
+    ConfigError,
+    EvalConfig,
+    RolloutConfig,
+    _default_env,
+)
+from lerobot_pirl.scripts._cli import run
 
 
 @dataclass
@@ -77,8 +83,6 @@ def evaluate_policy(cfg: EvalPipelineConfig):
 
 @parser.wrap()
 def main(cfg: EvalPipelineConfig) -> int:
-    from lerobot_pirl.runtime.trainer import ConfigError
-
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -86,7 +90,7 @@ def main(cfg: EvalPipelineConfig) -> int:
     try:
         cfg.validate()
         result = evaluate_policy(cfg)
-    except (ConfigError, ValueError, OSError) as error:
+    except (ConfigError, OSError) as error:
         print(f"lerobot-pirl-eval: error: {error}", file=sys.stderr)
         return 2
     print(f"success {result.summary()}")
@@ -97,7 +101,7 @@ def main(cfg: EvalPipelineConfig) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    run(main, "lerobot-pirl-eval")
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@
 No `from __future__ import annotations` here: LeRobot's parser reads the config class from the
 annotation of `main`, which must stay a real type."""
 
-
 import logging
 import sys
 
 from lerobot.configs import parser
 
 from lerobot_pirl.runtime.config import TrainConfig
+from lerobot_pirl.scripts._cli import run
 
 
 def train(cfg: TrainConfig):
@@ -29,7 +29,7 @@ def train(cfg: TrainConfig):
 
 @parser.wrap()
 def main(cfg: TrainConfig) -> int:
-    from lerobot_pirl.runtime.trainer import ConfigError
+    from lerobot_pirl.runtime.config import ConfigError
 
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
@@ -48,7 +48,7 @@ def main(cfg: TrainConfig) -> int:
 
 
 def cli() -> None:
-    sys.exit(main())
+    run(main, "lerobot-pirl-train")
 
 
 if __name__ == "__main__":
