@@ -1,0 +1,267 @@
+"""lerobot-pirl-train end to end on MetaWorld state, tiny flow_mlp: outputs, resume, bad input, NaN, hub."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
+
+FAST_RUN = [
+    "--env.type=metaworld_state",
+    "--env.task=reach-v3",
+    "--env.episode_length=24",
+    "--rollout.num_envs=2",
+    "--rollout.decisions_per_env=3",
+    "--eval.n_episodes=2",
+    "--eval.batch_size=2",
+    "--eval.videos=1",
+    "--algorithm.update_epochs=1",
+    "--seed=3",
+]
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory) -> Path:
+    return save_tiny_flow_mlp(tmp_path_factory.mktemp("policy") / "tiny_flow_mlp")
+
+
+def run_main(monkeypatch, args: list[str]) -> int:
+    from lerobot_pirl.scripts.train import main
+
+    monkeypatch.setattr(sys, "argv", ["lerobot-pirl-train", *args])
+    return main()
+
+
+def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(
+    monkeypatch, capsys, tmp_path, policy_dir
+):
+    out = tmp_path / "run"
+    args = [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--iterations=2",
+        "--eval.freq=1",
+        f"--output_dir={out}",
+    ]
+    assert run_main(monkeypatch, args) == 0
+    printed = capsys.readouterr().out
+    assert "SFT" in printed and "→ RL" in printed and "(2 episodes)" in printed
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [0, 1, 2]
+    assert all("eval/success_rate" in row for row in rows)
+    assert rows[2]["env_steps"] > rows[1]["env_steps"] > 0
+    for key in (
+        "losses/policy_loss",
+        "losses/value_loss",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "charts/SPS",
+    ):
+        assert key in rows[1]
+    assert (out / "plots" / "success.png").stat().st_size > 0
+    assert (out / "plots" / "training.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "videos").glob("*.mp4"))[0].startswith("iter")
+
+    # The checkpoint is a standard LeRobot flow_mlp checkpoint with its processors.
+    from lerobot.policies.factory import make_pre_post_processors
+
+    from lerobot_pirl.policies.flow_mlp import FlowMLPPolicy
+
+    pretrained = out / "checkpoints" / "last" / "pretrained_model"
+    assert (out / "checkpoints" / "last").resolve().name == "000002"
+    policy = FlowMLPPolicy.from_pretrained(pretrained)
+    preprocessor, _ = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+    batch = preprocessor(
+        {"observation.state": torch.zeros(1, 4), "observation.environment_state": torch.zeros(1, 39)}
+    )
+    assert policy.predict_action_chunk(batch).shape == (1, policy.config.chunk_size, 4)
+    # ...that differs from the starting policy: RL updated it.
+    start = FlowMLPPolicy.from_pretrained(policy_dir)
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(start.state_dict().values(), policy.state_dict().values(), strict=True)
+    ]
+    assert any(changed)
+    state_dir = out / "checkpoints" / "last" / "training_state"
+    for name in (
+        "rl_heads.safetensors",
+        "optimizer_state.safetensors",
+        "rng_state.safetensors",
+        "trainer_state.json",
+    ):
+        assert (state_dir / name).exists()
+    assert json.loads((state_dir / "trainer_state.json").read_text())["iteration"] == 2
+
+
+def test_a_killed_run_resumes_to_the_same_step_count_with_no_checkpoint_lost(tmp_path, policy_dir):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "lerobot_pirl.scripts.train",
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--iterations=6",
+        "--save_freq=1",
+        "--eval.freq=0",
+        "--eval.videos=0",
+        f"--output_dir={out}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "000003").exists():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no third checkpoint within 4 minutes"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(
+        (out / "checkpoints" / "last" / "training_state" / "trainer_state.json").read_text()
+    )
+    assert 3 <= killed_at["iteration"] < 6
+
+    resumed = subprocess.run(
+        [*command, "--resume=true"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != "last")
+    assert checkpoints == [f"{i:06d}" for i in range(1, 7)]
+    assert not list((out / "checkpoints").glob("*.partial"))
+    final = json.loads((out / "checkpoints" / "last" / "training_state" / "trainer_state.json").read_text())
+    assert final["iteration"] == 6 and final["env_steps"] > killed_at["env_steps"]
+    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == list(range(7))  # the SFT eval once, each iteration exactly once
+
+
+@pytest.mark.parametrize(
+    ("make_args", "expected"),
+    [
+        (
+            lambda d, t: ["--env.type=metaworld_state", "--env.task=psuh-v3"],
+            "Unknown MetaWorld task 'psuh-v3'",
+        ),
+        (lambda d, t: ["--policy.path=/no/such/folder"], "no such folder"),
+        (lambda d, t: [f"--policy.path={t}", "--env.type=metaworld_state"], "not a flow-matching policy"),
+        (
+            lambda d, t: [
+                f"--policy.path={d}",
+                "--env.type=metaworld_state",
+                "--env.image_size=0",
+                "--algorithm.exploration=flow_magic",
+            ],
+            "flow_magic",
+        ),
+    ],
+)
+def test_bad_input_gets_one_error_line_before_any_work(
+    monkeypatch, capsys, tmp_path, policy_dir, make_args, expected
+):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.act.configuration_act import ACTConfig
+
+    act_dir = tmp_path / "act"
+    ACTConfig(
+        input_features={"observation.state": PolicyFeature(type=FeatureType.STATE, shape=(4,))},
+        output_features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(4,))},
+        push_to_hub=False,
+    ).save_pretrained(act_dir)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        from lerobot_pirl.scripts.train import cli
+
+        monkeypatch.setattr(
+            sys, "argv", ["lerobot-pirl-train", *make_args(policy_dir, act_dir), f"--output_dir={out}"]
+        )
+        cli()
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0]
+    assert not out.exists()
+
+
+def test_policy_env_feature_mismatch_is_refused(monkeypatch, capsys, tmp_path):
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    wrong = save_tiny_flow_mlp(
+        tmp_path / "wrong",
+        features={
+            "observation.state": PolicyFeature(type=FeatureType.STATE, shape=(7,)),
+            "action": PolicyFeature(type=FeatureType.ACTION, shape=(4,)),
+        },
+    )
+    out = tmp_path / "run"
+    assert run_main(monkeypatch, [f"--policy.path={wrong}", *FAST_RUN, f"--output_dir={out}"]) == 2
+    error = capsys.readouterr().err
+    assert "observation.state: policy (7,) vs env (4,)" in error
+    assert not out.exists()
+
+
+def test_non_finite_loss_stops_the_run_with_a_checkpoint_and_says_where(
+    monkeypatch, capsys, tmp_path, policy_dir
+):
+    import lerobot_pirl.runtime.trainer as trainer_module
+    from lerobot_pirl.algorithms.update import UpdateSamples
+
+    real = trainer_module.collect_update_samples
+
+    def poisoned(cfg, collector):
+        samples, batches, extras = real(cfg, collector)
+        return (
+            UpdateSamples(**{**samples.__dict__, "returns": samples.returns * float("nan")}),
+            batches,
+            extras,
+        )
+
+    monkeypatch.setattr(trainer_module, "collect_update_samples", poisoned)
+    out = tmp_path / "run"
+    status = run_main(
+        monkeypatch, [f"--policy.path={policy_dir}", *FAST_RUN, "--iterations=3", f"--output_dir={out}"]
+    )
+    assert status == 1
+    assert "non-finite loss in update epoch 0, minibatch 0 at iteration 1" in capsys.readouterr().err
+    assert (out / "checkpoints" / "last" / "pretrained_model" / "model.safetensors").exists()
+
+
+def test_push_to_hub_uploads_the_final_checkpoint(monkeypatch, tmp_path, policy_dir):
+    calls = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls["create"] = (repo_id, private)
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, repo_type, folder_path, **kwargs):
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            url = type("Url", (), {"url": f"https://hf.co/{repo_id}"})()
+            return type("Commit", (), {"repo_url": url})()
+
+    monkeypatch.setattr("lerobot_pirl.runtime.hub.HfApi", FakeApi)
+    out = tmp_path / "run"
+    args = [
+        f"--policy.path={policy_dir}",
+        "--policy.push_to_hub=true",
+        "--policy.repo_id=user/pirl-reach",
+        *FAST_RUN,
+        "--iterations=1",
+        "--eval.videos=0",
+        f"--output_dir={out}",
+    ]
+    assert run_main(monkeypatch, args) == 0
+    assert calls["create"] == ("user/pirl-reach", False)
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "policy_preprocessor.json",
+        "README.md",
+        "train_config.json",
+    ):
+        assert name in calls["files"]
