@@ -1,4 +1,4 @@
-"""Few-shot SFT baselines on MetaWorld: deterministic success of the bootstrapped flow_mlp per task."""
+"""Few-shot SFT baselines on MetaWorld: deterministic success of the bootstrapped flow_mlp per task.
 
 Used to choose the main job's default task and demo count (the few-shot band is 10-70% success, like the
 πRL paper's starting points). Prints a table and writes JSON.
