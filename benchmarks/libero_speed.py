@@ -6,8 +6,9 @@
 Each case builds LeRobot's LIBERO env for one task through `make_libero_envs` (training config:
 soft resets; both cameras, as LeRobot's LIBERO policies use them; 2 envs run in async workers), resets
 once (not timed: it builds the sim), takes `warmup_steps`, then times `steps` vector steps of small
-random actions and one soft reset. Prints a table and writes JSON with each case's env-steps/s and its
-ratio to the default-render, 1-env, 128 px case.
+random actions and one soft reset. Prints a table and writes JSON with each case's env-steps/s, its
+ratio to the default-render, 1-env, 128 px case, and the 1-minute load average after it (the numbers
+are only comparable on an otherwise idle machine).
 """
 
 import json
@@ -77,10 +78,13 @@ def measure_case(cfg: LiberoSpeedConfig, fast_render: bool, n_envs: int, image_s
 def main(cfg: LiberoSpeedConfig) -> None:
     ensure_libero_ready()
     results = []
-    for fast_render in (False, True):
-        for n_envs in cfg.n_envs:
-            for image_size in cfg.image_sizes:
+    # Default and fast side by side, so that a change in machine load between cases biases their
+    # ratio as little as possible.
+    for n_envs in cfg.n_envs:
+        for image_size in cfg.image_sizes:
+            for fast_render in (False, True):
                 result = measure_case(cfg, fast_render, n_envs, image_size)
+                result["load_average_1min"] = os.getloadavg()[0]
                 results.append(result)
                 print(f"done: {result}", flush=True)
 
@@ -90,7 +94,7 @@ def main(cfg: LiberoSpeedConfig) -> None:
 
     header = (
         f"{'render':>7} {'envs':>4} {'px':>4} {'env-steps/s':>11} {'ratio':>6} {'1st reset s':>11} "
-        f"{'reset s':>7}"
+        f"{'reset s':>7} {'load':>5}"
     )
     print(f"\nLIBERO {cfg.task} task {cfg.task_id}, {cfg.steps} vector steps, CPU ({os.cpu_count()} cores)")
     print(header)
@@ -98,14 +102,13 @@ def main(cfg: LiberoSpeedConfig) -> None:
         print(
             f"{'fast' if r['fast_render'] else 'default':>7} {r['n_envs']:>4} {r['image_size']:>4} "
             f"{r['env_steps_per_s']:>11.2f} {r['ratio_vs_baseline']:>6.2f} {r['first_reset_s']:>11.1f} "
-            f"{r['soft_reset_s']:>7.1f}"
+            f"{r['soft_reset_s']:>7.1f} {r['load_average_1min']:>5.1f}"
         )
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "baseline": BASELINE,
         "cpu_count": os.cpu_count(),
-        "load_average_at_end": os.getloadavg(),
         "results": results,
     }
     cfg.output.write_text(json.dumps(payload, indent=2))

@@ -42,9 +42,9 @@ from robosuite.environments.base import MujocoEnv
 # renderer at every episode (6-10 s on CPU); a soft reset restores the init state in ~1 s.
 TRAINING_ENV_DEFAULTS: dict[str, Any] = {"hard_reset": False}
 
-# Render features that fast rendering turns off (measured ~2x more env steps/s on CPU, see
-# benchmarks/libero_speed.py). Reflections off changes the look of the table: keep the default
-# rendering for pretrained policies.
+# Render features that fast rendering turns off (with offsamples = 0: measured 2.6-2.8x more env
+# steps/s on a 2-core CPU, see benchmarks/libero_speed.py). Reflections off changes the look of the
+# table: keep the default rendering for pretrained policies.
 FAST_RENDER_OFF_FLAGS = (
     mujoco.mjtRndFlag.mjRND_SHADOW,
     mujoco.mjtRndFlag.mjRND_REFLECTION,
