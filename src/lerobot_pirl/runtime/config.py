@@ -60,6 +60,9 @@ class RolloutConfig:
     sparse_reward: bool = True  # +1 at the first success, else 0; false = the env's dense reward
     end_on_success: bool = True
     storage_device: str = "cpu"  # where rollout tensors wait for the update
+    # LIBERO: shadows, reflections, skybox off inside every env worker (~2.6x faster on CPU). Off by
+    # default: it changes what pretrained policies see.
+    fast_render: bool = False
 
 
 @dataclass

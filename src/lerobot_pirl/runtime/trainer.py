@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from lerobot.configs.types import FeatureType
-from lerobot.envs.factory import make_env, make_env_pre_post_processors
+from lerobot.envs.factory import make_env_pre_post_processors
 from lerobot.envs.utils import close_envs, env_to_policy_features
 from lerobot.utils.constants import ACTION
 from lerobot.utils.random_utils import set_seed
@@ -39,6 +39,7 @@ from lerobot_pirl.runtime.checkpoint import (
     save_config,
 )
 from lerobot_pirl.runtime.config import ConfigError, TrainConfig
+from lerobot_pirl.runtime.envs import episode_reset_hook, make_rollout_envs
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.metrics import MetricsLog, plot_learning_curves
 
@@ -205,7 +206,9 @@ def build_collector(
     storage_device: str = "cpu",
 ) -> tuple[ChunkCollector, dict]:
     """A ChunkCollector over `num_envs` envs of cfg.env; also returns LeRobot's env dict (to close)."""
-    envs = make_env(cfg.env, n_envs=num_envs, use_async_envs=cfg.rollout.use_async_envs)
+    envs = make_rollout_envs(
+        cfg.env, num_envs, cfg.rollout.use_async_envs, fast_render=cfg.rollout.fast_render
+    )
     env_pre, env_post = make_env_pre_post_processors(cfg.env, policy.adapter.policy.config)
     collector = ChunkCollector(
         single_vec_env(envs),
@@ -235,7 +238,8 @@ def collect_update_samples(
         for _ in range(cfg.rollout.episodes_per_env):
             group_seeds = collector.take_seeds(groups)
             seeds = [s for s in group_seeds for _ in range(algorithm.group_size)]  # identical resets
-            batch = collector.collect_episodes(seeds, algorithm.exploration)
+            before_reset = episode_reset_hook(cfg.env, algorithm.group_size)
+            batch = collector.collect_episodes(seeds, algorithm.exploration, before_reset=before_reset)
             samples, extras = grpo_samples(batch, algorithm)
             batches.append(batch)
             parts.append(samples)
