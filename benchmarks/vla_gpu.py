@@ -1,0 +1,419 @@
+"""π0 through the RL layer on one GPU: rollout decisions/s, PPO update samples/s and peak memory for
+hybrid Flow-SDE (one denoising step recomputed per sample) and Flow-Noise (all K steps), expert-only
+and with LoRA on the expert. With ``--scale=tiny --device=cpu`` the same comparison on the tiny
+offline models (the issue's target: Flow-SDE update cost per sample <= 1.5/K x Flow-Noise's).
+
+    HF_HUB_OFFLINE=1 python benchmarks/vla_gpu.py                                  (full π0, needs a GPU)
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vla_gpu.py --scale=tiny --device=cpu
+
+What is measured, all through the package's own code:
+- rollout: ``FlowRLPolicy.sample`` on ``observations`` preprocessed observations (one 224 px camera,
+  state, a padded prompt of ``prompt_tokens`` real tokens out of the config's ``tokenizer_max_length``),
+  K denoising steps, C executed actions; decisions/s = observations / time of one call.
+- update: ``algorithms.update.policy_update`` (``FlowRLPolicy.evaluate`` + PPO loss + backward, one
+  AdamW step per minibatch of all ``observations`` samples, gradient accumulation over micro-batches)
+  on samples drawn by ``sample`` from the same observations; samples/s = observations / time of one
+  epoch. The optimizer state exists before timing (one warm-up update).
+- peak memory: ``torch.cuda.max_memory_allocated`` during the timed calls, everything included
+  (weights, gradients, AdamW state, activations); ``weights_gib`` is what was allocated before.
+
+Full scale builds π0 at its real widths with random weights (timings do not depend on their values):
+PaliGemma 2B + Gemma 300M expert, chunk 50, LeRobot's ``dtype="bfloat16"``. ``precision=mixed``
+(default at full scale) keeps the frozen VLM in bf16 and the trained parameters (expert, projections,
+LoRA factors) in float32 under bf16 autocast: pure bf16 weights would round away AdamW steps of the
+reference learning rate (5e-6). Prints a table, writes JSON after every row, and stops measuring once
+``time_limit_s`` is spent (the rest is recorded as skipped).
+"""
+
+import functools
+import gc
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import draccus
+import torch
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
+
+from lerobot_pirl.adapters.registry import make_adapter
+from lerobot_pirl.algorithms.config import PPOConfig
+from lerobot_pirl.algorithms.update import UpdateSamples, make_optimizer, policy_update
+from lerobot_pirl.rl_policy import FlowRLPolicy
+
+PRECISIONS = ("float32", "bfloat16", "mixed")
+PALIGEMMA_VOCAB = 257_152  # the real pi0/pi05 vocabulary (token ids are drawn from it)
+
+
+@dataclass
+class VLAGPUConfig:
+    scale: str = "full"  # "full" (real widths, random init) | "tiny" (the offline test models)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    policies: list[str] = field(default_factory=lambda: ["pi0"])  # tiny scale also takes pi05, smolvla
+    observations: int = 64  # rollout batch = update samples per minibatch
+    num_steps: int = 4  # K
+    n_action_steps: int = 5  # C
+    chunk_size: int = 50  # H (pi0's default)
+    image_size: int | None = None  # one square camera; None: 224 at full scale, 32 at tiny scale
+    prompt_tokens: int = 24  # real tokens of a LIBERO-like instruction; the rest of the prompt is padding
+    micro_batch_sizes: list[int] = field(default_factory=lambda: [16, 32])
+    variants: list[str] = field(default_factory=lambda: ["expert", "lora16"])  # "lora<rank>"
+    explorations: list[str] = field(default_factory=lambda: ["flow_sde", "flow_noise"])
+    precision: str | None = None  # None: "mixed" at full scale, "float32" at tiny scale
+    repeats: int = 3
+    time_limit_s: float = 300.0  # stop starting new measurements after this (model build included)
+    threads: int = 1  # CPU threads (tiny models are fastest on one)
+    seed: int = 0
+    output: Path = Path("benchmarks/results/vla_gpu.json")
+
+    def __post_init__(self):
+        if self.scale not in ("full", "tiny"):
+            raise ValueError(f"--scale must be full or tiny, got {self.scale}")
+        if self.precision is None:
+            self.precision = "mixed" if self.scale == "full" else "float32"
+        if self.image_size is None:
+            self.image_size = 224 if self.scale == "full" else 32
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and inputs
+
+
+def features(cfg: VLAGPUConfig):
+    inputs = {
+        "observation.image": PolicyFeature(
+            type=FeatureType.VISUAL, shape=(3, cfg.image_size, cfg.image_size)
+        ),
+        OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(8,)),
+    }
+    outputs = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(7,))}
+    return inputs, outputs
+
+
+def build_policy(cfg: VLAGPUConfig, policy_type: str):
+    """The LeRobot policy (eval mode, on cfg.device) and its prompt vocabulary size."""
+    inputs, outputs = features(cfg)
+    bf16_weights = cfg.precision in ("bfloat16", "mixed")
+    sizes = dict(chunk_size=cfg.chunk_size, n_action_steps=cfg.n_action_steps, num_steps=cfg.num_steps)
+    if cfg.scale == "tiny":
+        from lerobot_pirl.testing import tiny_models
+
+        maker = {
+            "pi0": tiny_models.make_tiny_pi0,
+            "pi05": tiny_models.make_tiny_pi05,
+            "smolvla": tiny_models.make_tiny_smolvla,
+        }[policy_type]
+        extra = {"dtype": "bfloat16"} if bf16_weights and policy_type != "smolvla" else {}
+        policy = maker(inputs, outputs, image_resolution=32, device=cfg.device, **sizes, **extra).policy
+        vocab = tiny_models.TinyPaliGemmaSizes().vocab_size
+    else:
+        if policy_type not in ("pi0", "pi05"):
+            raise ValueError("full scale builds pi0 or pi05")
+        from lerobot.policies.pi0 import PI0Config, PI0Policy
+        from lerobot.policies.pi05 import PI05Config, PI05Policy
+
+        config_class, policy_class = {"pi0": (PI0Config, PI0Policy), "pi05": (PI05Config, PI05Policy)}[
+            policy_type
+        ]
+        config = config_class(
+            input_features=inputs,
+            output_features=outputs,
+            chunk_size=cfg.chunk_size,
+            n_action_steps=cfg.n_action_steps,
+            num_inference_steps=cfg.num_steps,
+            dtype="bfloat16" if bf16_weights else "float32",
+            device=cfg.device,
+            push_to_hub=False,
+        )
+        with torch.device(cfg.device):  # initialise the 4 B parameters where they live
+            policy = policy_class(config)
+        vocab = PALIGEMMA_VOCAB
+    if bf16_weights and policy_type == "smolvla":
+        policy.to(torch.bfloat16)  # smolvla has no dtype option; the trainable part is upcast below
+    return policy.to(cfg.device).eval(), vocab
+
+
+def make_observations(cfg: VLAGPUConfig, policy, vocab: int) -> dict[str, torch.Tensor]:
+    """A preprocessed observation batch: images in [0, 1], normalised state, a padded prompt."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    n, max_tokens = cfg.observations, policy.config.tokenizer_max_length
+    valid = min(cfg.prompt_tokens, max_tokens)
+    batch = {
+        "observation.image": torch.rand(
+            n, 3, cfg.image_size, cfg.image_size, generator=generator
+        ),  # (B,3,S,S)
+        OBS_STATE: torch.rand(n, 8, generator=generator) * 2 - 1,  # (B, 8)
+        OBS_LANGUAGE_TOKENS: torch.randint(4, vocab, (n, max_tokens), generator=generator),  # (B, L)
+        OBS_LANGUAGE_ATTENTION_MASK: torch.arange(max_tokens).expand(n, max_tokens) < valid,  # (B, L)
+    }
+    return {key: value.to(cfg.device) for key, value in batch.items()}
+
+
+def make_rl_policies(cfg: VLAGPUConfig, policy, variant: str) -> tuple[dict[str, FlowRLPolicy], list]:
+    """One FlowRLPolicy per exploration over one adapter; returns them and the parameters upcast to fp32."""
+    lora_rank = int(variant.removeprefix("lora")) if variant.startswith("lora") else 0
+    autocast = torch.bfloat16 if cfg.precision in ("bfloat16", "mixed") else None
+    adapter = make_adapter(policy, num_steps=cfg.num_steps, lora_rank=lora_rank, autocast_dtype=autocast)
+    upcast = []
+    if cfg.precision == "mixed":
+        for param in adapter.policy.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+                upcast.append(param)
+    rl_policies = {
+        exploration: FlowRLPolicy(adapter, exploration=exploration, n_action_steps=cfg.n_action_steps).to(
+            cfg.device
+        )
+        for exploration in cfg.explorations
+    }
+    return rl_policies, upcast
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def allocated_gib(device: str) -> float | None:
+    return torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def timed(fn, cfg: VLAGPUConfig) -> tuple[float, dict]:
+    """Median seconds of `repeats` calls after one warm-up, and the peak GiB allocated / reserved by
+    PyTorch's CUDA allocator during them (reserved is closer to what nvidia-smi shows)."""
+    fn()
+    sync(cfg.device)
+    if cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(cfg.repeats):
+        sync(cfg.device)
+        start = time.perf_counter()
+        fn()
+        sync(cfg.device)
+        times.append(time.perf_counter() - start)
+    memory = {"peak_gib": None, "peak_reserved_gib": None}
+    if cfg.device.startswith("cuda"):
+        memory = {
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
+    return sorted(times)[len(times) // 2], memory
+
+
+def measure_rollout(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, batch) -> dict:
+    rl_policy.eval()
+    seconds, memory = timed(lambda: rl_policy.sample(batch, rl_policy.exploration), cfg)
+    return {"decisions_per_s": cfg.observations / seconds, "ms_per_call": 1e3 * seconds, **memory}
+
+
+def update_samples(rl_policy: FlowRLPolicy, batch) -> UpdateSamples:
+    """A rollout's samples: chains and log-probs drawn by the policy itself, random advantages."""
+    rl_policy.eval()
+    sample = rl_policy.sample(batch, rl_policy.exploration, generator=None)
+    n = sample.logprob.shape[0]
+    generator = torch.Generator().manual_seed(1)
+    return UpdateSamples(
+        observations=dict(batch),
+        chains=sample.chain,
+        step_index=sample.step_index,
+        old_logprobs=sample.logprob,
+        old_values=sample.value,
+        advantages=torch.randn(n, generator=generator).to(sample.logprob.device),
+        returns=torch.randn(n, generator=generator).to(sample.logprob.device),
+    )
+
+
+def measure_update(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSamples, micro: int) -> dict:
+    algorithm = PPOConfig(
+        exploration=rl_policy.exploration,
+        update_epochs=1,
+        minibatch_size=len(samples),
+        micro_batch_size=micro,
+    )
+    optimizer = make_optimizer(rl_policy, algorithm)
+    update = functools.partial(policy_update, rl_policy, optimizer, samples, algorithm, cfg.device)
+    try:
+        seconds, memory = timed(update, cfg)
+    finally:
+        optimizer.state.clear()  # the AdamW moments of the trained parameters
+        rl_policy.zero_grad(set_to_none=True)
+        free_memory(cfg.device)
+    return {
+        "samples_per_s": len(samples) / seconds,
+        "ms_per_sample": 1e3 * seconds / len(samples),
+        **memory,
+    }
+
+
+class Recorder:
+    """Collects rows, prints each, rewrites the JSON after every row, enforces the time limit."""
+
+    def __init__(self, cfg: VLAGPUConfig):
+        self.cfg = cfg
+        self.started = time.perf_counter()
+        self.rows: list[dict] = []
+        self.meta = {
+            "config": json.loads(json.dumps(draccus.encode(cfg), default=str)),
+            "machine": platform.node(),
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None,
+        }
+
+    def time_left(self) -> bool:
+        return time.perf_counter() - self.started < self.cfg.time_limit_s
+
+    def run(self, row: dict, measure) -> None:
+        if not self.time_left():
+            row["skipped"] = "time limit"
+        else:
+            try:
+                row.update(measure())
+            except Exception as error:  # e.g. out of memory: record it, keep measuring the rest
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+                free_memory(self.cfg.device)
+        row["elapsed_s"] = round(time.perf_counter() - self.started, 1)
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.cfg.output.parent.mkdir(parents=True, exist_ok=True)
+        summary = sde_vs_noise(self.rows, self.cfg.num_steps)
+        self.cfg.output.write_text(
+            json.dumps({**self.meta, "rows": self.rows, "sde_vs_noise": summary}, indent=2, default=str)
+        )
+
+
+def sde_vs_noise(rows: list[dict], num_steps: int) -> list[dict]:
+    """Flow-SDE / Flow-Noise update cost per sample, per (policy, variant, micro-batch); target 1.5/K."""
+    updates = {
+        (r["policy"], r["variant"], r["micro_batch"], r["exploration"]): r
+        for r in rows
+        if r["kind"] == "update" and "ms_per_sample" in r
+    }
+    summary = []
+    for (policy, variant, micro, exploration), sde in updates.items():
+        noise = updates.get((policy, variant, micro, "flow_noise"))
+        if exploration != "flow_sde" or noise is None:
+            continue
+        ratio = sde["ms_per_sample"] / noise["ms_per_sample"]
+        summary.append(
+            {
+                "policy": policy,
+                "variant": variant,
+                "micro_batch": micro,
+                "sde_ms_per_sample": sde["ms_per_sample"],
+                "noise_ms_per_sample": noise["ms_per_sample"],
+                "ratio": ratio,
+                "target": 1.5 / num_steps,
+                "meets_target": ratio <= 1.5 / num_steps,
+            }
+        )
+    return summary
+
+
+def measure_variant(cfg: VLAGPUConfig, policy_type: str, policy, batch, variant: str, recorder) -> list:
+    """Rollout and update rows of one variant; returns the parameters it upcast to float32."""
+    rl_policies, upcast = make_rl_policies(cfg, policy, variant)
+    adapter = next(iter(rl_policies.values())).adapter
+    common = {
+        "policy": policy_type,
+        "variant": variant,
+        "precision": cfg.precision,
+        "params_M": sum(p.numel() for p in policy.parameters()) / 1e6,
+        "trainable_M": sum(p.numel() for p in adapter.parameters() if p.requires_grad) / 1e6,
+        "trainable_dtypes": sorted({str(p.dtype) for p in adapter.parameters() if p.requires_grad}),
+        "frozen_dtypes": sorted({str(p.dtype) for p in adapter.parameters() if not p.requires_grad}),
+        "K": cfg.num_steps,
+        "C": cfg.n_action_steps,
+        "H": adapter.sizes.chunk_size,
+        "observations": cfg.observations,
+    }
+    for exploration, rl_policy in rl_policies.items():
+        row = {
+            "kind": "rollout",
+            **common,
+            "exploration": exploration,
+            "weights_gib": allocated_gib(cfg.device),
+        }
+        recorder.run(row, functools.partial(measure_rollout, cfg, rl_policy, batch))
+        samples = update_samples(rl_policy, batch)
+        for micro in cfg.micro_batch_sizes:
+            row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
+            row["weights_gib"] = allocated_gib(cfg.device)
+            recorder.run(row, functools.partial(measure_update, cfg, rl_policy, samples, micro))
+        samples = None
+        free_memory(cfg.device)
+    return upcast
+
+
+def measure_policy(cfg: VLAGPUConfig, policy_type: str, recorder: Recorder) -> None:
+    build_start = time.perf_counter()
+    policy, vocab = build_policy(cfg, policy_type)
+    batch = make_observations(cfg, policy, vocab)
+    sync(cfg.device)
+    print(f"built {policy_type} in {time.perf_counter() - build_start:.1f} s", flush=True)
+    upcast: list = []
+    for variant in cfg.variants:
+        for param in upcast:  # the last variant's trained parameters go back to the model dtype
+            param.data = param.data.to(torch.bfloat16)
+        if not recorder.time_left():
+            recorder.run({"kind": "variant", "policy": policy_type, "variant": variant}, dict)
+            continue
+        upcast = measure_variant(cfg, policy_type, policy, batch, variant, recorder)
+        free_memory(cfg.device)
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+@draccus.wrap()
+def main(cfg: VLAGPUConfig) -> None:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    recorder = Recorder(cfg)
+    print(json.dumps(recorder.meta), flush=True)
+    for policy_type in cfg.policies:
+        measure_policy(cfg, policy_type, recorder)
+
+    columns = ["kind", "policy", "variant", "exploration", "micro_batch", "decisions_per_s", "samples_per_s"]
+    columns += ["ms_per_sample", "weights_gib", "peak_gib"]
+    print("\n" + " | ".join(columns))
+    for row in recorder.rows:
+        note = row.get("error") or row.get("skipped") or ""
+        print(" | ".join(fmt(row.get(column)) for column in columns) + (f" | {note}" if note else ""))
+    print("\nFlow-SDE / Flow-Noise update cost per sample (target <= 1.5/K):")
+    for entry in sde_vs_noise(recorder.rows, cfg.num_steps):
+        print(
+            f"  {entry['policy']} {entry['variant']} micro {entry['micro_batch']}: "
+            f"{entry['sde_ms_per_sample']:.3g} / {entry['noise_ms_per_sample']:.3g} ms "
+            f"= {entry['ratio']:.3f} "
+            f"(target {entry['target']:.3f}: {'met' if entry['meets_target'] else 'NOT met'})"
+        )
+    recorder.write()
+    print(f"wrote {cfg.output} ({time.perf_counter() - recorder.started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
