@@ -22,7 +22,7 @@ from lerobot.utils.constants import OBS_IMAGE, OBS_LANGUAGE_ATTENTION_MASK, OBS_
 from lerobot_pirl.adapters.registry import load_flow_policy
 from lerobot_pirl.algorithms.config import PPOConfig
 from lerobot_pirl.algorithms.losses import clipped_surrogate_loss, value_loss
-from lerobot_pirl.algorithms.update import make_lr_scheduler, make_optimizer, policy_update
+from lerobot_pirl.algorithms.update import UpdateSamples, make_lr_scheduler, make_optimizer, policy_update
 from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.runtime.checkpoint import TrainerState, save_checkpoint
 from lerobot_pirl.runtime.config import PolicyOptionsConfig, RolloutConfig, TrainConfig
@@ -349,3 +349,50 @@ def test_lora_update_saves_merged_weights_that_load_into_the_plain_policy(
     assert_round_trip(
         checkpoint, policy, loaded, loaded_pre, lambda batch, noise: ode_actions(sft, batch, noise)
     )
+
+
+def test_bf16_checkpoint_trains_float32_master_weights_under_autocast(tmp_path):
+    """A checkpoint saved with LeRobot's dtype="bfloat16": the frozen VLM stays bf16, the trained expert
+    becomes float32 (a bf16 weight would not move by an AdamW step of the reference lr 5e-6)."""
+    tokenizer = make_tiny_tokenizer(extra_words=TASK_TEXT.split())
+    made = make_tiny_pi0(
+        INPUTS,
+        OUTPUTS,
+        chunk_size=CHUNK,
+        n_action_steps=EXECUTED,
+        num_steps=NUM_STEPS,
+        image_resolution=IMAGE_RESOLUTION,
+        tokenizer=tokenizer,
+        dtype="bfloat16",
+    )
+    for part in made:
+        part.save_pretrained(tmp_path)
+    cfg = train_config()
+    cfg.algorithm.actor_lr = 5e-6  # the reference learning rate
+    cfg.algorithm.minibatch_size = cfg.algorithm.micro_batch_size = BATCH  # one optimiser step
+    policy, preprocessor, _ = load_rl_policy(("pi0", tmp_path, tokenizer), cfg)
+    adapter = policy.adapter
+    assert {p.dtype for p in adapter.parameters() if p.requires_grad} == {torch.float32}
+    vlm = adapter.policy.model.paligemma_with_expert.paligemma.model.language_model
+    assert {p.dtype for name, p in vlm.named_parameters() if "proj" in name} == {torch.bfloat16}
+    assert adapter.autocast_dtype == torch.bfloat16  # mixed weights run under autocast
+
+    batch = observation_batch(preprocessor)
+    sample = policy.sample(batch, "flow_sde", generator=torch.Generator().manual_seed(6))
+    samples = UpdateSamples(
+        observations={key: value for key, value in batch.items() if isinstance(value, torch.Tensor)},
+        chains=sample.chain,
+        step_index=sample.step_index,
+        old_logprobs=sample.logprob,
+        old_values=sample.value,
+        advantages=torch.tensor([1.0, -1.0, 0.5]),
+        returns=torch.zeros(BATCH),
+    )
+    weight = adapter.policy.model.paligemma_with_expert.gemma_expert.model.layers[0].mlp.down_proj.weight
+    before = weight.detach().clone()
+    policy_update(policy, make_optimizer(policy, cfg.algorithm), samples, cfg.algorithm, "cpu")
+    step = (weight.detach() - before).abs()
+    assert 0.5 * cfg.algorithm.actor_lr < step.max().item() <= 1.01 * cfg.algorithm.actor_lr  # one Adam step
+    assert (step > 0).float().mean() > 0.5  # the float32 weights did move...
+    in_bf16 = before.to(torch.bfloat16) != weight.detach().to(torch.bfloat16)
+    assert in_bf16.float().mean() < 0.1  # ...where bf16 weights would have kept (nearly) all old values

@@ -191,7 +191,33 @@ def build_rl_policy(
         detach_value_input=algorithm.detach_value_input if uses_critic else True,
         freeze_trunk=cfg.policy_options.freeze_trunk,
     ).to(device)
+    train_in_float32(adapter)
     return policy, preprocessor, postprocessor
+
+
+def train_in_float32(adapter) -> None:
+    """Keep the trained parameters in float32 when the checkpoint's weights are bf16/fp16.
+
+    An AdamW step of the reference size (lr 5e-6) is far below half a bf16 ulp of a typical weight
+    (~1e-4 at |w| ~ 0.02), so bf16 parameters would silently never move. The frozen VLM keeps its dtype
+    (half the memory); the model then runs under autocast in that dtype, which mixed weights need.
+    """
+    low_precision = [
+        p for p in adapter.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+    ]
+    if not low_precision:
+        return
+    dtype = low_precision[0].dtype
+    for param in low_precision:
+        param.data = param.data.float()
+    if getattr(adapter, "autocast_dtype", False) is None:
+        adapter.autocast_dtype = dtype
+    logger.info(
+        "training %d %s parameters in float32 (master weights) under %s autocast",
+        len(low_precision),
+        dtype,
+        getattr(adapter, "autocast_dtype", None),
+    )
 
 
 def build_collector(
