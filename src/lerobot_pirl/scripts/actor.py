@@ -1,0 +1,60 @@
+"""`lerobot-pirl-actor`: one actor of a distributed πRL run (see runtime/actor.py).
+
+    lerobot-pirl-actor --policy.path=<sft> --env.type=metaworld_state --env.task=push-v3 \\
+        --transport.host=<learner> --transport.actor_id=0
+
+Takes the learner's training flags (same policy, env, algorithm, rollout, seed) plus `--transport.*`.
+Exits 0 when the learner finishes training, 1 when the learner stays unreachable for
+`--transport.reconnect_timeout_s`, 2 on a configuration the learner cannot use.
+No `from __future__ import annotations` here: LeRobot's parser reads the config class from `main`.
+"""
+
+import logging
+import sys
+
+from lerobot.configs import parser
+
+from lerobot_pirl.runtime.distributed_config import DistributedTrainConfig
+from lerobot_pirl.scripts._cli import run
+
+
+def act(cfg: DistributedTrainConfig):
+    """Build and run the actor; returns its ActorResult. Raises ConfigError on bad input."""
+    from lerobot_pirl.runtime.actor import Actor
+
+    cfg.validate()
+    return Actor(cfg).run()
+
+
+@parser.wrap()
+def main(cfg: DistributedTrainConfig) -> int:
+    from lerobot_pirl.runtime.actor import LearnerLostError
+    from lerobot_pirl.runtime.config import ConfigError
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(levelname)s %(asctime)s actor{cfg.transport.actor_id} %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,  # an imported library may have configured the root logger already
+    )
+    try:
+        result = act(cfg)
+    except ConfigError as error:
+        print(f"lerobot-pirl-actor: error: {error}", file=sys.stderr)
+        return 2
+    except LearnerLostError as error:
+        print(f"lerobot-pirl-actor: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"actor {cfg.transport.actor_id}: {result.versions_uploaded} versions uploaded, "
+        f"{result.env_steps} env steps"
+    )
+    return 0
+
+
+def cli() -> None:
+    run(main, "lerobot-pirl-actor")
+
+
+if __name__ == "__main__":
+    cli()
