@@ -63,6 +63,10 @@ class VLAGPUConfig:
     explorations: list[str] = field(default_factory=lambda: ["flow_sde", "flow_noise"])
     precision: str | None = None  # None: "mixed" at full scale, "float32" at tiny scale
     repeats: int = 3
+    # Time Flow-SDE and Flow-Noise updates alternately (one call each, `repeats` times) so that a busy
+    # shared CPU slows both alike. None: on for CPU, off for CUDA (two live AdamW states would inflate
+    # each other's peak memory, and a GPU is not shared).
+    interleave: bool | None = None
     time_limit_s: float = 300.0  # stop starting new measurements after this (model build included)
     threads: int = 1  # CPU threads (tiny models are fastest on one)
     seed: int = 0
@@ -75,6 +79,8 @@ class VLAGPUConfig:
             self.precision = "mixed" if self.scale == "full" else "float32"
         if self.image_size is None:
             self.image_size = 224 if self.scale == "full" else 32
+        if self.interleave is None:
+            self.interleave = not self.device.startswith("cuda")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}")
 
@@ -260,6 +266,53 @@ def measure_update(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSa
     }
 
 
+def measure_updates_interleaved(
+    cfg: VLAGPUConfig, rl_policies: dict[str, FlowRLPolicy], samples: dict[str, UpdateSamples], micro: int
+) -> dict[str, dict]:
+    """`measure_update` for every exploration at once, their calls alternating (CPU; no memory figures)."""
+    updates, optimizers = {}, []
+    for exploration, rl_policy in rl_policies.items():
+        algorithm = PPOConfig(
+            exploration=exploration,
+            update_epochs=1,
+            minibatch_size=len(samples[exploration]),
+            micro_batch_size=micro,
+        )
+        optimizers.append(make_optimizer(rl_policy, algorithm))
+        updates[exploration] = functools.partial(
+            policy_update, rl_policy, optimizers[-1], samples[exploration], algorithm, cfg.device
+        )
+    times: dict[str, list[float]] = {exploration: [] for exploration in updates}
+    try:
+        for update in updates.values():
+            update()  # warm-up: creates the AdamW state
+        for _ in range(cfg.repeats):
+            for exploration, update in updates.items():
+                sync(cfg.device)
+                start = time.perf_counter()
+                update()
+                sync(cfg.device)
+                times[exploration].append(time.perf_counter() - start)
+    finally:
+        for optimizer in optimizers:
+            optimizer.state.clear()
+        for rl_policy in rl_policies.values():
+            rl_policy.zero_grad(set_to_none=True)
+        free_memory(cfg.device)
+    results = {}
+    for exploration, seconds in times.items():
+        median = sorted(seconds)[len(seconds) // 2]
+        n = len(samples[exploration])
+        results[exploration] = {"samples_per_s": n / median, "ms_per_sample": 1e3 * median / n}
+    return results
+
+
+def interleaved_result(results: dict[str, dict], exploration: str, error: Exception | None) -> dict:
+    if error is not None:
+        raise error
+    return results[exploration]
+
+
 class Recorder:
     """Collects rows, prints each, rewrites the JSON after every row, enforces the time limit."""
 
@@ -278,8 +331,8 @@ class Recorder:
     def time_left(self) -> bool:
         return time.perf_counter() - self.started < self.cfg.time_limit_s
 
-    def run(self, row: dict, measure) -> None:
-        if not self.time_left():
+    def run(self, row: dict, measure, check_time: bool = True) -> None:
+        if check_time and not self.time_left():
             row["skipped"] = "time limit"
         else:
             try:
@@ -345,21 +398,33 @@ def measure_variant(cfg: VLAGPUConfig, policy_type: str, policy, batch, variant:
         "H": adapter.sizes.chunk_size,
         "observations": cfg.observations,
     }
+    samples = {}
     for exploration, rl_policy in rl_policies.items():
-        row = {
-            "kind": "rollout",
-            **common,
-            "exploration": exploration,
-            "weights_gib": allocated_gib(cfg.device),
-        }
+        row = {"kind": "rollout", **common, "exploration": exploration}
+        row["weights_gib"] = allocated_gib(cfg.device)
         recorder.run(row, functools.partial(measure_rollout, cfg, rl_policy, batch))
-        samples = update_samples(rl_policy, batch)
+        samples[exploration] = update_samples(rl_policy, batch)
+        if cfg.interleave:
+            continue
         for micro in cfg.micro_batch_sizes:
             row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
             row["weights_gib"] = allocated_gib(cfg.device)
-            recorder.run(row, functools.partial(measure_update, cfg, rl_policy, samples, micro))
-        samples = None
+            recorder.run(row, functools.partial(measure_update, cfg, rl_policy, samples[exploration], micro))
+        samples.pop(exploration)
         free_memory(cfg.device)
+    if cfg.interleave:
+        for micro in cfg.micro_batch_sizes:
+            results: dict[str, dict] = {}
+            error: Exception | None = None
+            if recorder.time_left():
+                try:
+                    results = measure_updates_interleaved(cfg, rl_policies, samples, micro)
+                except Exception as caught:  # recorded on each row below
+                    error = caught
+            for exploration in rl_policies:
+                row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
+                measured = functools.partial(interleaved_result, results, exploration, error)
+                recorder.run(row, measured, check_time=not results and error is None)
     return upcast
 
 
