@@ -27,6 +27,7 @@ from lerobot_pirl.runtime.payloads import (
     PayloadError,
     RolloutMessage,
     RolloutSpec,
+    all_finite,
     encode_payload,
     load_trainable_state,
 )
@@ -152,6 +153,16 @@ def test_rollouts_that_break_the_contract_are_refused(corrupt, message):
     with pytest.raises(PayloadError, match=message) as refused:
         RolloutMessage.decode(rollout.encode(), max_bytes=1 << 20, spec=SPEC)
     assert refused.value.reason == MALFORMED
+
+
+def test_finiteness_check_sees_every_nan_and_inf_and_no_half_precision_overflow():
+    ones = torch.ones(100_000, dtype=torch.float16)  # sums to 1e5 > 65504, the float16 maximum
+    assert all_finite(ones) and all_finite(ones.bfloat16()) and all_finite(torch.arange(5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            poisoned = torch.zeros(1000, dtype=dtype)
+            poisoned[617] = bad
+            assert not all_finite(poisoned), (bad, dtype)
 
 
 def test_oversized_wrong_kind_and_wrong_protocol_payloads_are_refused():

@@ -19,8 +19,10 @@ PRELOAD = [
     "lerobot_pirl.runtime.actor",
     "lerobot_pirl.scripts.learner",
     "lerobot_pirl.scripts.actor",
+    "lerobot_pirl.scripts.train",
 ]
 PROGRAMS = {
+    "lerobot-pirl-train": "lerobot_pirl.scripts.train",
     "lerobot-pirl-learner": "lerobot_pirl.scripts.learner",
     "lerobot-pirl-actor": "lerobot_pirl.scripts.actor",
 }
@@ -61,7 +63,7 @@ def _run_cli(program: str, argv: list[str], log_path: str, environment: dict[str
 def start_cli(
     program: str, argv: list[str], log_path: Path, environment: dict[str, str] | None = None
 ) -> multiprocessing.Process:
-    """Start `program` (lerobot-pirl-learner / -actor) with `argv` in a forked, preloaded child."""
+    """Start `program` (lerobot-pirl-train / -learner / -actor) with `argv` in a forked, preloaded child."""
     process = forkserver_context().Process(
         target=_run_cli, args=(program, list(argv), str(log_path), dict(environment or {})), daemon=False
     )
