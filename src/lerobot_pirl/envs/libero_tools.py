@@ -15,6 +15,8 @@ Facts about LeRobot's env these helpers rely on (lerobot 0.6.1, `lerobot/envs/li
 - After loading the init state, `reset()` takes `num_steps_wait` (10) no-op steps to let objects
   settle; their outcome depends on the grippers' command state, which a soft reset
   (`hard_reset=False`) keeps from the previous episode: see `forget_gripper_command`.
+- `step()` never truncates (`truncated` is always False); `_max_episode_steps` (`episode_length`, else
+  280/280/300/520 for Spatial/Object/Goal/Long) is only the bound of `lerobot-eval`'s loop.
 - The async vector env LeRobot builds (`_LazyAsyncVectorEnv`) starts its workers on first use, wraps
   each sub-env in `FreezeAfterEpisodeEnd` (a finished sub-env replays its last transition, autoreset
   included, until a reset carrying `options={NEW_ROLLOUT_OPTION: True}`) and offers `call`/`get_attr`
@@ -144,6 +146,9 @@ class LiberoRolloutEnv(gym.Wrapper):
     - With `fast_render`, every call that can build or rebuild the sim (LeRobot's env builds it lazily
       on first reset/step/render; robosuite rebuilds it on a hard reset) runs inside
       `fast_render_scope()`, in whatever process the env lives in (an async worker included).
+    - An episode is truncated after `_max_episode_steps` steps (`--env.episode_length`, else LeRobot's
+      per-suite default). LeRobot's env never truncates, its `lerobot-eval` loop just stops there; a
+      rollout collector needs the signal to end (and bootstrap) the episode at the same step.
     """
 
     def __init__(self, env: gym.Env, fast_render: bool = False):
@@ -151,18 +156,23 @@ class LiberoRolloutEnv(gym.Wrapper):
         if not isinstance(env.unwrapped, LiberoEnv):
             raise TypeError(f"expected LeRobot's LIBERO env, got {type(env.unwrapped).__name__}")
         self.fast_render = fast_render
+        self.elapsed_steps = 0
 
     def _render_scope(self):
         return fast_render_scope() if self.fast_render else nullcontext()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         forget_gripper_command(self.env.unwrapped)
+        self.elapsed_steps = 0
         with self._render_scope():
             return self.env.reset(seed=seed, options=options)
 
     def step(self, action):
         with self._render_scope():
-            return self.env.step(action)
+            observation, reward, terminated, truncated, info = self.env.step(action)
+        self.elapsed_steps += 1
+        out_of_time = self.elapsed_steps >= self.env.unwrapped._max_episode_steps
+        return observation, reward, terminated, bool(truncated or (out_of_time and not terminated)), info
 
     def render(self):
         with self._render_scope():

@@ -2,29 +2,211 @@
 
 The trainer builds every vector env here, so env-specific needs (LIBERO's offline assets, fast
 rendering inside workers, init-state group resets) stay out of the trainer loop.
+
+LIBERO (`--env.type=libero`, LeRobot's own `LiberoEnv` config) specifics:
+
+- Envs come from `lerobot_pirl.envs.libero_tools.make_libero_envs`: LeRobot's vector envs whose
+  sub-envs reset reproducibly, truncate at `_max_episode_steps` (LeRobot's env never truncates; its
+  `lerobot-eval` loop stops there) and optionally render fast (`--rollout.fast_render`).
+- `hard_reset` is taken from the env config as given (LeRobot's default is True). We do not override
+  it: the same config then means the same env in training, in-training evaluation, `lerobot-pirl-eval`
+  and `lerobot-eval`. The examples and docs pass `--env.hard_reset=false` (soft resets take ~1 s
+  instead of 6-10 s and, with the gripper fix of `LiberoRolloutEnv`, start from the same state), and a
+  hard-reset config logs a warning.
+- Init states: sub-env i loads init state `init_state_id % 50` at each reset, then LeRobot adds its
+  stride n_envs. The continuous (PPO) mode resets each finished sub-env on its own, so env i visits
+  i, i + n, i + 2n, ...: disjoint across the envs running together. Episodic resets (GRPO groups and
+  evaluation) set the init states explicitly through the hooks below.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
+from functools import lru_cache
 
 import gymnasium as gym
+from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.envs.factory import make_env
+from lerobot.envs.utils import env_to_policy_features
+
+from lerobot_pirl.runtime.config import ConfigError
+
+logger = logging.getLogger(__name__)
 
 ResetHook = Callable[[gym.vector.VectorEnv, list[int]], None]
+
+LIBERO_ENV_TYPE = "libero"
+
+
+def is_libero(env_cfg: EnvConfig) -> bool:
+    return env_cfg.type == LIBERO_ENV_TYPE
+
+
+def _libero_tools():
+    """`lerobot_pirl.envs.libero_tools`, imported only once LIBERO's first-use setup is done (importing
+    `libero` before that asks an interactive question or fails offline)."""
+    from lerobot_pirl.envs.libero_setup import ensure_libero_ready
+
+    ensure_libero_ready()
+    from lerobot_pirl.envs import libero_tools
+
+    return libero_tools
 
 
 def make_rollout_envs(
     env_cfg: EnvConfig, num_envs: int, use_async_envs: bool, *, fast_render: bool = False
 ) -> dict:
     """LeRobot's {suite: {task_id: vec_env}} for `env_cfg`."""
+    if is_libero(env_cfg):
+        if env_cfg.hard_reset:
+            logger.warning(
+                "LIBERO with --env.hard_reset=true rebuilds the simulator at every episode (6-10 s on "
+                "CPU); --env.hard_reset=false restores the init state in ~1 s with the same observations"
+            )
+        return _libero_tools().make_libero_envs(env_cfg, num_envs, use_async_envs, fast_render=fast_render)
     if fast_render:
         raise ValueError(f"--rollout.fast_render is not available for --env.type={env_cfg.type}")
     return make_env(env_cfg, n_envs=num_envs, use_async_envs=use_async_envs)
 
 
+def env_policy_features(env_cfg: EnvConfig) -> dict[str, PolicyFeature]:
+    """The features a policy receives from this env, i.e. after the env's own processors.
+
+    LeRobot's `env_to_policy_features` lists the raw env features; LIBERO's env processor
+    (`LiberoProcessorStep`) replaces its `observation.state.*` entries by one flat `observation.state`
+    (eef position, axis-angle, gripper: 8-d), which is what LIBERO policies read.
+    """
+    features = env_to_policy_features(env_cfg)
+    if not is_libero(env_cfg):
+        return features
+    from lerobot.processor.env_processor import LiberoProcessorStep
+
+    by_type: dict[FeatureType, dict[str, PolicyFeature]] = {}
+    for key, feature in features.items():
+        by_type.setdefault(feature.type, {})[key] = feature
+    if FeatureType.STATE not in by_type:  # obs_type="pixels": nothing for the step to flatten
+        return features
+    processed = LiberoProcessorStep().transform_features(by_type)
+    return {key: feature for group in processed.values() for key, feature in group.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Init states of episodic resets (LIBERO)
+# ---------------------------------------------------------------------------------------------
+def libero_single_task(env_cfg: EnvConfig) -> tuple[str, int]:
+    """(suite, task_id) of a LIBERO config that selects exactly one task, else a ConfigError."""
+    suites = [s.strip() for s in str(env_cfg.task).split(",") if s.strip()]
+    task_ids = env_cfg.task_ids
+    if len(suites) != 1 or task_ids is None or len(set(task_ids)) != 1:
+        raise ConfigError(
+            f"--env.task={env_cfg.task} --env.task_ids={task_ids} selects several LIBERO tasks; train "
+            "on one task per run, e.g. --env.task=libero_spatial --env.task_ids='[0]'"
+        )
+    return suites[0], int(task_ids[0])
+
+
+@lru_cache(maxsize=64)
+def _num_init_states(suite: str, task_id: int, is_libero_plus: bool) -> int:
+    return _libero_tools().num_init_states(suite, task_id, is_libero_plus=is_libero_plus)
+
+
+def libero_num_init_states(env_cfg: EnvConfig) -> int:
+    """Init states of the one task `env_cfg` selects (50 for the standard suites)."""
+    suite, task_id = libero_single_task(env_cfg)
+    return _num_init_states(suite, task_id, bool(env_cfg.is_libero_plus))
+
+
+def _set_init_states(vec_env, init_state_ids: list[int]) -> None:
+    _libero_tools().set_init_state_ids(vec_env, init_state_ids)
+
+
+def group_init_state_ids(seeds: list[int], group_size: int, n_init_states: int) -> list[int]:
+    """Per sub-env init state for grouped episodic resets: group g (sub-envs g*G .. g*G+G-1, which all
+    carry the group's seed) starts from init state `seed_g % n_init_states`.
+
+    The collector hands out consecutive seeds, so the groups of one round get disjoint init states and
+    successive rounds cycle through all of them; the init state follows from the seed, so a resumed run
+    (whose next seed is in its checkpoint) continues the same sequence.
+    """
+    if len(seeds) % group_size:
+        raise ValueError(f"{len(seeds)} seeds do not split into groups of {group_size}")
+    ids = []
+    for start in range(0, len(seeds), group_size):
+        group = seeds[start : start + group_size]
+        if len(set(group)) != 1:
+            raise ValueError(f"the members of a group must share one seed, got {group}")
+        ids += [int(group[0]) % n_init_states] * group_size
+    return ids
+
+
+def evaluation_init_state_ids(seeds: list[int], first_seed: int, n_init_states: int) -> list[int]:
+    """Evaluation episode i (reset with seed `first_seed + i`, see `runtime.evaluation.evaluate`) starts
+    from init state `i % n_init_states`: the same scenes for the SFT baseline and every checkpoint."""
+    episodes = [int(seed) - first_seed for seed in seeds]
+    if min(episodes) < 0:
+        raise ValueError(f"evaluation seeds {seeds} start below the first seed {first_seed}")
+    return [episode % n_init_states for episode in episodes]
+
+
 def episode_reset_hook(env_cfg: EnvConfig, group_size: int) -> ResetHook | None:
     """What to do to the sub-envs before an episodic reset whose seeds come in groups of `group_size`
-    (GRPO: members of a group must start from the same initial state). None: the seeds are enough."""
-    return None
+    (GRPO: members of a group must start from the same initial state). None: the seeds are enough.
+
+    LIBERO: a scene is fixed by its init state AND the seed, so every member of a group gets its
+    group's init state (`group_init_state_ids`) on top of the shared seed.
+    """
+    if not is_libero(env_cfg) or not env_cfg.init_states:
+        return None
+    n_init_states = libero_num_init_states(env_cfg)
+
+    def set_group_init_states(vec_env, seeds: list[int]) -> None:
+        _set_init_states(vec_env, group_init_state_ids(list(seeds), group_size, n_init_states))
+
+    return set_group_init_states
+
+
+def evaluation_reset_hook(env_cfg: EnvConfig, first_seed: int) -> ResetHook | None:
+    """`before_reset` for `runtime.evaluation.evaluate(..., seed=first_seed)`: on LIBERO, episode i
+    starts from init state i (LIBERO's standard protocol: each task x its 50 init states). None for
+    envs whose seed alone fixes the episode."""
+    if not is_libero(env_cfg) or not env_cfg.init_states:
+        return None
+    n_init_states = libero_num_init_states(env_cfg)
+
+    def set_episode_init_states(vec_env, seeds: list[int]) -> None:
+        _set_init_states(vec_env, evaluation_init_state_ids(list(seeds), first_seed, n_init_states))
+
+    return set_episode_init_states
+
+
+# ---------------------------------------------------------------------------------------------
+# One env config per task (suite evaluation)
+# ---------------------------------------------------------------------------------------------
+def single_task_configs(env_cfg: EnvConfig) -> list[tuple[str, int, EnvConfig]]:
+    """(suite, task_id, env config selecting only that task) for every task `env_cfg` selects.
+
+    LIBERO: each suite of `--env.task` (comma-separated) x its `--env.task_ids` (default: all tasks,
+    checked by LeRobot's own `_select_task_ids`). Other envs: the config as it is, labelled
+    (env type, 0).
+    """
+    if not is_libero(env_cfg):
+        return [(str(env_cfg.type), 0, env_cfg)]
+    _libero_tools()  # LIBERO's first-use setup before `libero` is imported below
+    from lerobot.envs.libero import _get_suite, _select_task_ids
+
+    configs = []
+    for suite_name in [s.strip() for s in str(env_cfg.task).split(",") if s.strip()]:
+        try:
+            task_ids = _select_task_ids(len(_get_suite(suite_name).tasks), env_cfg.task_ids)
+        except ValueError as error:
+            raise ConfigError(
+                f"--env.task={suite_name} --env.task_ids={env_cfg.task_ids}: {error}"
+            ) from error
+        for task_id in task_ids:
+            task_cfg = copy.deepcopy(env_cfg)
+            task_cfg.task, task_cfg.task_ids = suite_name, [task_id]
+            configs.append((suite_name, task_id, task_cfg))
+    return configs

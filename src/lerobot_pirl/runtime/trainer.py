@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lerobot.configs.types import FeatureType
 from lerobot.envs.factory import make_env_pre_post_processors
-from lerobot.envs.utils import close_envs, env_to_policy_features
+from lerobot.envs.utils import close_envs
 from lerobot.utils.constants import ACTION
 from lerobot.utils.random_utils import set_seed
 from tqdm.auto import tqdm
@@ -39,7 +39,12 @@ from lerobot_pirl.runtime.checkpoint import (
     save_config,
 )
 from lerobot_pirl.runtime.config import ConfigError, TrainConfig
-from lerobot_pirl.runtime.envs import episode_reset_hook, make_rollout_envs
+from lerobot_pirl.runtime.envs import (
+    env_policy_features,
+    episode_reset_hook,
+    evaluation_reset_hook,
+    make_rollout_envs,
+)
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.metrics import MetricsLog, plot_learning_curves
 
@@ -83,7 +88,7 @@ def single_vec_env(envs: dict) -> object:
 
 def check_policy_matches_env(policy_config, env_cfg) -> None:
     """The policy's state/action features must exist in the env with the same shapes."""
-    env_features = env_to_policy_features(env_cfg)
+    env_features = env_policy_features(env_cfg)  # after the env's processors (LIBERO: 8-d state)
     problems = []
     for key, feature in policy_config.input_features.items():
         if feature.type is FeatureType.VISUAL:
@@ -369,6 +374,7 @@ class Trainer:
             n_videos=eval_cfg.videos,
             video_prefix=label,
             fps=self.cfg.env.fps,
+            before_reset=evaluation_reset_hook(self.cfg.env, eval_cfg.seed),  # LIBERO: init state i
         )
         return result
 
