@@ -1,11 +1,18 @@
-"""`lerobot-pirl-eval`: deterministic (ODE) evaluation of a flow policy with a 95% confidence interval.
+"""`lerobot-pirl-eval`: deterministic (ODE) evaluation of a flow policy with 95% confidence intervals.
 
     lerobot-pirl-eval --policy.path=outputs/push/checkpoints/last/pretrained_model \\
         --env.type=metaworld_state --env.task=push-v3 --eval.n_episodes=100
 
+    # LIBERO suite evaluation: every task of the suite(s) x its 50 init states
+    lerobot-pirl-eval --policy.path=lerobot/pi0_libero_finetuned --env.type=libero \\
+        --env.task=libero_spatial,libero_object --env.hard_reset=false \\
+        --rollout.num_inference_steps=4 --rollout.n_action_steps=5 --eval.n_episodes=50
+
 The protocol is the trainer's: the same sampler, K, and episode seeds (`--eval.seed` + i), so the SFT
-baseline and every RL checkpoint are compared on the same episodes. Writes `eval_info.json` (and videos
-when the env renders) to `--output_dir`.
+baseline and every RL checkpoint are compared on the same episodes. Every task the env config selects is
+evaluated on its own (`--eval.n_episodes` per task; on LIBERO episode i starts from init state i),
+with per-task, per-suite and overall success. Writes `eval_info.json` (the overall result's fields plus
+`per_suite` and `per_task`) and videos (when the env renders) to `--output_dir`.
 
 No `from __future__ import annotations`: LeRobot's parser reads the config class from `main`'s annotation.
 """
@@ -53,32 +60,25 @@ class EvalPipelineConfig:
         return ["policy"]
 
 
-def evaluate_policy(cfg: EvalPipelineConfig):
-    """Load the policy, build `eval.batch_size` envs, run `eval.n_episodes` ODE episodes."""
-    from lerobot.envs.utils import close_envs
-
+def evaluate_policy_per_task(cfg: EvalPipelineConfig):
+    """Load the policy once, then for every task the env config selects build `eval.batch_size` envs and
+    run `eval.n_episodes` ODE episodes. Returns a `runtime.suite_evaluation.SuiteEvalResult`."""
     from lerobot_pirl.runtime.config import TrainConfig
-    from lerobot_pirl.runtime.evaluation import evaluate
-    from lerobot_pirl.runtime.trainer import build_collector, build_rl_policy, resolve_device
+    from lerobot_pirl.runtime.suite_evaluation import evaluate_per_task
+    from lerobot_pirl.runtime.trainer import build_rl_policy, resolve_device
 
     device = resolve_device(cfg.device)
     train_cfg = TrainConfig(policy=cfg.policy, env=cfg.env, rollout=cfg.rollout, eval=cfg.eval)
     policy, preprocessor, postprocessor = build_rl_policy(train_cfg, cfg.policy.pretrained_path, device)
-    collector, envs = build_collector(
-        train_cfg, policy, preprocessor, postprocessor, num_envs=cfg.eval.batch_size, device=device
+    video_dir = Path(cfg.output_dir) / "videos" if cfg.output_dir else None
+    return evaluate_per_task(
+        train_cfg, policy, preprocessor, postprocessor, device=device, video_dir=video_dir
     )
-    try:
-        video_dir = Path(cfg.output_dir) / "videos" if cfg.output_dir else None
-        return evaluate(
-            collector,
-            cfg.eval.n_episodes,
-            cfg.eval.seed,
-            video_dir=video_dir,
-            n_videos=cfg.eval.videos if video_dir else 0,
-            fps=cfg.env.fps,
-        )
-    finally:
-        close_envs(envs)
+
+
+def evaluate_policy(cfg: EvalPipelineConfig):
+    """The overall EvalResult of `evaluate_policy_per_task` (all episodes of all selected tasks)."""
+    return evaluate_policy_per_task(cfg).overall()
 
 
 @parser.wrap()
@@ -89,14 +89,16 @@ def main(cfg: EvalPipelineConfig) -> int:
     torch.set_grad_enabled(False)
     try:
         cfg.validate()
-        result = evaluate_policy(cfg)
+        results = evaluate_policy_per_task(cfg)
     except (ConfigError, OSError) as error:
         print(f"lerobot-pirl-eval: error: {error}", file=sys.stderr)
         return 2
-    print(f"success {result.summary()}")
+    if len(results.tasks) > 1:
+        print(results.table())
+    print(f"success {results.overall().summary()}")
     if cfg.output_dir is not None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "eval_info.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (Path(cfg.output_dir) / "eval_info.json").write_text(json.dumps(results.to_dict(), indent=2))
     return 0
 
 
