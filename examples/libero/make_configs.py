@@ -1,0 +1,168 @@
+"""Write the ready LIBERO configs of this folder: π0 / π0.5 × Spatial / Object / Goal / Long ×
+PPO + Flow-SDE, PPO + Flow-Noise, GRPO (Flow-SDE), each as the reference recipe and as a one-GPU variant.
+
+    python examples/libero/make_configs.py        # rewrites examples/libero/{pi0,pi05}/*.yaml
+
+Use a config with `lerobot-pirl-train --config_path=examples/libero/pi0/spatial_ppo_flow_sde.yaml`;
+flags after it override its values (e.g. `--env.task_ids='[3]'`, `--policy.path=<your checkpoint>`).
+
+Reference values (../shared/REFERENCE.md §1, RLinf's πRL configs for LIBERO):
+- K denoising steps: π0 4 on every suite; π0.5 3 / 3 / 5 / 5 (Spatial / Object / Goal / Long).
+- C executed actions per decision: 5, and 10 on LIBERO-Long (both policies).
+- Flow-SDE noise level a = 0.5; Flow-Noise std in [0.08, 0.16] with entropy bonus 0.005.
+- Episode length 240 / 240 / 320 / 480 steps (`env.episode_length`; LeRobot's own defaults,
+  280 / 280 / 300 / 520, apply when it is unset).
+- 64 envs × 8 rollout epochs per iteration: PPO collects 8 episode budgets of decisions per env
+  (`rollout.decisions_per_env` = 8 × episode_length / C), GRPO 8 episodes per env in groups of 8.
+- Update epochs: π0 4; π0.5 PPO 1 / 1 / 4 / 4; GRPO 4. Global batch 2048, micro-batch 128.
+- AdamW lr 5e-6 (actor) / 1e-4 (critic), β 0.9 / 0.95, eps 1e-8, weight decay 0.01, grad clip 1.0.
+- PPO clip 0.2, value clip 0.2, Huber δ 10, γ 0.99, λ 0.95 per chunk, advantages normalised, no KL.
+- Only the action expert (+ projections and the new heads) trains; the critic reads pooled expert
+  features for π0 and the pooled VLM prefix for π0.5.
+
+One-GPU variant (one 80 GB GPU): 16 envs, 4 rollout epochs, global batch 512, micro-batch 32, bf16
+autocast and gradient checkpointing; the recipe is otherwise unchanged. Measured on an H200 with the full
+pi0 (benchmarks/vla_gpu.py, bf16 frozen weights): update peak 17 GiB (Flow-SDE) / 31 GiB (Flow-Noise) at
+micro-batch 32, rollout of 64 observations 12 GiB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+
+# LeRobot's published LIBERO fine-tunes (hub ids, not downloaded here). Override with --policy.path.
+POLICY_PATHS = {"pi0": "lerobot/pi0_libero_finetuned", "pi05": "lerobot/pi05_libero_finetuned"}
+SUITES = {  # short name -> (LeRobot suite name, episode length, C)
+    "spatial": ("libero_spatial", 240, 5),
+    "object": ("libero_object", 240, 5),
+    "goal": ("libero_goal", 320, 5),
+    "long": ("libero_10", 480, 10),
+}
+DENOISING_STEPS = {  # K per policy and suite
+    "pi0": {"spatial": 4, "object": 4, "goal": 4, "long": 4},
+    "pi05": {"spatial": 3, "object": 3, "goal": 5, "long": 5},
+}
+PPO_UPDATE_EPOCHS = {
+    "pi0": {"spatial": 4, "object": 4, "goal": 4, "long": 4},
+    "pi05": {"spatial": 1, "object": 1, "goal": 4, "long": 4},
+}
+GRPO_UPDATE_EPOCHS = 4
+VALUE_FEATURES = {"pi0": "expert", "pi05": "prefix"}
+ALGORITHMS = ("ppo_flow_sde", "ppo_flow_noise", "grpo")
+SCALES = {  # envs, rollout epochs, global batch, micro-batch
+    "reference": {"num_envs": 64, "rollout_epochs": 8, "minibatch": 2048, "micro_batch": 128},
+    "1gpu": {"num_envs": 16, "rollout_epochs": 4, "minibatch": 512, "micro_batch": 32},
+}
+
+
+def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
+    suite_name, episode_length, executed = SUITES[suite]
+    sizes = SCALES[scale]
+    decisions_per_episode = -(-episode_length // executed)
+    is_grpo = algorithm == "grpo"
+    exploration = "flow_noise" if algorithm == "ppo_flow_noise" else "flow_sde"
+    algorithm_cfg = {
+        "type": "grpo" if is_grpo else "ppo",
+        "exploration": exploration,
+        "noise_level": 0.5,
+        "noise_std_min": 0.08,
+        "noise_std_max": 0.16,
+        "entropy_coef": 0.005,  # Flow-Noise only
+        "gamma": 0.99,
+        "gae_lambda": 0.95,
+        "actor_lr": 5.0e-6,
+        "critic_lr": 1.0e-4,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "adam_eps": 1.0e-8,
+        "weight_decay": 0.01,
+        "max_grad_norm": 1.0,
+        "update_epochs": GRPO_UPDATE_EPOCHS if is_grpo else PPO_UPDATE_EPOCHS[policy][suite],
+        "minibatch_size": sizes["minibatch"],
+        "micro_batch_size": sizes["micro_batch"],
+        "clip_ratio": 0.2,
+        "normalize_advantages": True,
+    }
+    if is_grpo:
+        algorithm_cfg["group_size"] = 8
+    else:
+        algorithm_cfg.update(value_clip=0.2, huber_delta=10.0, value_features=VALUE_FEATURES[policy])
+    one_gpu = scale == "1gpu"
+    return {
+        "policy": {"path": POLICY_PATHS[policy]},
+        "env": {
+            "type": "libero",
+            "task": suite_name,
+            "task_ids": [0],  # one task per run: --env.task_ids='[k]' for task k
+            "episode_length": episode_length,
+            "hard_reset": False,  # soft resets: ~1 s instead of 6-10 s, same observations
+            "observation_height": 256,  # the camera size of LeRobot's LIBERO datasets
+            "observation_width": 256,
+        },
+        "algorithm": algorithm_cfg,
+        "rollout": {
+            "num_envs": sizes["num_envs"],
+            "use_async_envs": True,  # one process per env: LIBERO steps are render-bound
+            "decisions_per_env": sizes["rollout_epochs"] * decisions_per_episode,  # PPO
+            "episodes_per_env": sizes["rollout_epochs"],  # GRPO
+            "n_action_steps": executed,
+            "num_inference_steps": DENOISING_STEPS[policy][suite],
+            "sparse_reward": True,
+            "fast_render": False,  # pretrained policies must see LeRobot's default rendering
+        },
+        "eval": {"freq": 10, "n_episodes": 50, "batch_size": 25 if not one_gpu else 10, "videos": 2},
+        "policy_options": {
+            "train_vlm": False,
+            "lora_rank": 0,  # e.g. 16 to train LoRA factors of the expert instead
+            "autocast_dtype": "bfloat16" if one_gpu else None,
+            "gradient_checkpointing": one_gpu,
+        },
+        "iterations": 300,
+        "save_freq": 10,
+        "job_name": f"{policy}_{suite_name}_{algorithm}" + ("_1gpu" if one_gpu else ""),
+    }
+
+
+def config_path(policy: str, suite: str, algorithm: str, scale: str) -> Path:
+    suffix = "_1gpu" if scale == "1gpu" else ""
+    return HERE / policy / f"{suite}_{algorithm}{suffix}.yaml"
+
+
+def header(policy: str, suite: str, algorithm: str, scale: str) -> str:
+    where = "one 80 GB GPU" if scale == "1gpu" else "the reference scale (64 envs x 8 rollout epochs)"
+    path = config_path(policy, suite, algorithm, scale)
+    return (
+        f"# {policy} on LIBERO {suite} ({SUITES[suite][0]}), {algorithm}, {where}.\n"
+        "# Written by examples/libero/make_configs.py; see its docstring for where each value comes from.\n"
+        f"#   lerobot-pirl-train --config_path={path.relative_to(REPO)}\n"
+    )
+
+
+def all_configs() -> dict[Path, str]:
+    """{path: file text} of every config this script writes."""
+    files = {}
+    for policy in POLICY_PATHS:
+        for suite in SUITES:
+            for algorithm in ALGORITHMS:
+                for scale in SCALES:
+                    body = yaml.safe_dump(make_config(policy, suite, algorithm, scale), sort_keys=False)
+                    files[config_path(policy, suite, algorithm, scale)] = (
+                        header(policy, suite, algorithm, scale) + body
+                    )
+    return files
+
+
+def main() -> None:
+    for path, text in all_configs().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    print(f"wrote {len(all_configs())} configs under {HERE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The ready LIBERO configs in examples/libero parse into TrainConfig the way `lerobot-pirl-train
+--config_path=...` parses them (LeRobot's parser, no model loading) and carry the reference recipe
+(REFERENCE.md §1), written out here independently of the script that generates them.
+
+No `from __future__ import annotations`: LeRobot's parser reads the config class from the annotation."""
+
+import importlib.util
+import sys
+import tempfile
+from pathlib import Path
+
+import draccus
+import pytest
+import yaml
+from lerobot.configs import parser
+
+from lerobot_pirl.algorithms.config import GRPOConfig, PPOConfig
+from lerobot_pirl.runtime.config import TrainConfig
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "libero"
+CONFIGS = sorted(EXAMPLES.glob("*/*.yaml"))
+
+# REFERENCE.md §1 / RLinf's LIBERO configs: suite -> (LeRobot suite, episode length, C).
+SUITES = {
+    "spatial": ("libero_spatial", 240, 5),
+    "object": ("libero_object", 240, 5),
+    "goal": ("libero_goal", 320, 5),
+    "long": ("libero_10", 480, 10),
+}
+K = {"pi0": dict.fromkeys(SUITES, 4), "pi05": {"spatial": 3, "object": 3, "goal": 5, "long": 5}}
+PPO_EPOCHS = {"pi0": dict.fromkeys(SUITES, 4), "pi05": {"spatial": 1, "object": 1, "goal": 4, "long": 4}}
+HUB_IDS = {"pi0": "lerobot/pi0_libero_finetuned", "pi05": "lerobot/pi05_libero_finetuned"}
+
+
+@parser.wrap()
+def parse_like_the_cli(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """What `lerobot-pirl-train`'s `main` receives, and the policy path its `validate` would load."""
+    return cfg, parser.get_path_arg("policy")
+
+
+@pytest.fixture
+def isolated_parser(monkeypatch, tmp_path):
+    # LeRobot's parser keeps the file's `policy.path` in module globals and writes a cleaned copy of the
+    # file to a temporary file: keep both inside this test.
+    monkeypatch.setattr(parser, "_config_path_args", {})
+    monkeypatch.setattr(parser, "_config_yaml_overrides", {})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
+@pytest.fixture
+def parse(isolated_parser, monkeypatch):
+    """The full CLI path (~1 s per call on a loaded 2-core machine): `--config_path` plus flags."""
+
+    def parse_file(path: Path, *flags: str) -> tuple[TrainConfig, str | None]:
+        monkeypatch.setattr(sys, "argv", ["lerobot-pirl-train", f"--config_path={path}", *flags])
+        return parse_like_the_cli()
+
+    return parse_file
+
+
+@pytest.fixture
+def decode(isolated_parser):
+    """What the CLI path does with a config file and no flags (~10 ms): LeRobot's extraction of
+    `policy.path`, then draccus's decoding of the rest."""
+
+    def decode_file(path: Path) -> tuple[TrainConfig, str | None]:
+        cleaned = parser.extract_path_fields_from_config(str(path), TrainConfig.__get_path_fields__())
+        cfg = draccus.decode(TrainConfig, yaml.safe_load(Path(cleaned).read_text()))
+        return cfg, parser.get_path_arg("policy", args=[])
+
+    return decode_file
+
+
+def test_every_policy_suite_algorithm_and_scale_has_a_config():
+    names = {(p.parent.name, p.stem) for p in CONFIGS}
+    expected = {
+        (policy, f"{suite}_{algorithm}{scale}")
+        for policy in HUB_IDS
+        for suite in SUITES
+        for algorithm in ("ppo_flow_sde", "ppo_flow_noise", "grpo")
+        for scale in ("", "_1gpu")
+    }
+    assert names == expected and len(CONFIGS) == 48
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_parses_into_the_reference_recipe(decode, path):
+    cfg, policy_path = decode(path)
+    policy, name = path.parent.name, path.stem
+    suite, algorithm = name.split("_", 1)
+    one_gpu = algorithm.endswith("_1gpu")
+    algorithm = algorithm.removesuffix("_1gpu")
+    suite_name, episode_length, executed = SUITES[suite]
+
+    assert policy_path == HUB_IDS[policy] and cfg.policy is None  # loaded by validate(), not here
+    env = cfg.env
+    assert (env.type, env.task, env.task_ids, env.episode_length) == (
+        "libero",
+        suite_name,
+        [0],
+        episode_length,
+    )
+    assert env.hard_reset is False and cfg.rollout.fast_render is False
+    assert (cfg.rollout.n_action_steps, cfg.rollout.num_inference_steps) == (executed, K[policy][suite])
+
+    alg = cfg.algorithm
+    assert (alg.actor_lr, alg.critic_lr, alg.weight_decay, alg.max_grad_norm) == (5e-6, 1e-4, 0.01, 1.0)
+    assert (alg.adam_beta1, alg.adam_beta2, alg.adam_eps) == (0.9, 0.95, 1e-8)
+    assert (alg.clip_ratio, alg.gamma, alg.gae_lambda, alg.normalize_advantages) == (0.2, 0.99, 0.95, True)
+    assert alg.target_kl is None  # the reference has no KL guard
+    rollout_epochs, envs = (4, 16) if one_gpu else (8, 64)
+    assert cfg.rollout.num_envs == envs
+    assert (alg.minibatch_size, alg.micro_batch_size) == ((512, 32) if one_gpu else (2048, 128))
+    if algorithm == "grpo":
+        assert isinstance(alg, GRPOConfig) and alg.exploration == "flow_sde" and alg.noise_level == 0.5
+        assert alg.group_size == 8 and cfg.rollout.num_envs % alg.group_size == 0
+        assert cfg.rollout.episodes_per_env == rollout_epochs and alg.update_epochs == 4
+    else:
+        assert isinstance(alg, PPOConfig) and alg.update_epochs == PPO_EPOCHS[policy][suite]
+        assert (alg.value_clip, alg.huber_delta) == (0.2, 10.0)
+        assert alg.value_features == ("expert" if policy == "pi0" else "prefix")
+        # rollout epochs x one episode budget of decisions per env
+        assert cfg.rollout.decisions_per_env == rollout_epochs * episode_length // executed
+        if algorithm == "ppo_flow_sde":
+            assert alg.exploration == "flow_sde" and alg.noise_level == 0.5
+        else:
+            assert alg.exploration == "flow_noise"
+            assert (alg.noise_std_min, alg.noise_std_max, alg.entropy_coef) == (0.08, 0.16, 0.005)
+    options = cfg.policy_options
+    assert options.train_vlm is False  # the action expert (+ heads) trains, the VLM stays frozen
+    assert options.autocast_dtype == ("bfloat16" if one_gpu else None)
+    assert options.gradient_checkpointing is one_gpu
+    assert cfg.eval.n_episodes == 50  # every init state of the task
+
+
+@pytest.mark.parametrize(
+    "name", ["pi0/spatial_ppo_flow_sde", "pi05/long_grpo_1gpu", "pi0/goal_ppo_flow_noise"]
+)
+def test_the_cli_parser_reads_the_same_config(parse, decode, name):
+    path = EXAMPLES / f"{name}.yaml"
+    assert parse(path) == decode(path)
+
+
+def test_flags_after_the_config_override_it(parse):
+    cfg, policy_path = parse(
+        EXAMPLES / "pi0" / "spatial_ppo_flow_sde.yaml",
+        "--env.task_ids=[3]",
+        "--policy.path=outputs/my_sft/pretrained_model",
+        "--algorithm.target_kl=0.05",
+    )
+    assert cfg.env.task_ids == [3] and cfg.env.episode_length == 240
+    assert policy_path == "outputs/my_sft/pretrained_model"
+    assert cfg.algorithm.target_kl == 0.05 and cfg.algorithm.update_epochs == 4
+
+
+def test_configs_are_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("make_libero_configs", EXAMPLES / "make_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.all_configs()
+    assert sorted(written) == CONFIGS
+    for path, text in written.items():
+        assert path.read_text() == text, f"{path} is stale: run python examples/libero/make_configs.py"
