@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from lerobot.configs.types import FeatureType
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.utils.constants import ACTION
@@ -121,6 +122,12 @@ def bootstrap_flow_policy(env_cfg, cfg, seed: int) -> Path:
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     root = Path(cfg.cache_dir).expanduser() / f"{env_cfg.task}-{key}"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # two runs started together must not both build the cache
+        return _bootstrap_locked(env_cfg, cfg, seed, root, recipe)
+
+
+def _bootstrap_locked(env_cfg, cfg, seed: int, root: Path, recipe: dict) -> Path:
     policy_dir = root / "policy"
     if (policy_dir / "model.safetensors").exists():
         logger.info("Using the cached few-shot policy %s", policy_dir)
