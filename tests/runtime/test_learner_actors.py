@@ -6,6 +6,7 @@ processes forked from a preloaded forkserver (testing/processes.py), so they can
 
 import json
 import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
 
-from lerobot_pirl.algorithms.config import PPOConfig
+from lerobot_pirl.algorithms.config import GRPOConfig, PPOConfig
 from lerobot_pirl.algorithms.ppo import ppo_samples
 from lerobot_pirl.algorithms.update import make_optimizer, policy_update
 from lerobot_pirl.runtime import trainer as trainer_module
@@ -161,6 +162,51 @@ def test_one_learner_and_one_actor_make_the_single_process_trainers_update(polic
     for name in single:
         torch.testing.assert_close(distributed[name], single[name], rtol=0, atol=1e-6, msg=name)
     assert rows(tmp_path / "distributed")[1]["env_steps"] == rows(tmp_path / "single")[1]["env_steps"] == 32
+
+
+def test_grpo_groups_stay_inside_each_actor_and_its_seed_range(policy_dir, tmp_path):
+    def grpo_cfg(output_dir, **transport):
+        cfg = make_cfg(policy_dir, output_dir, **transport)
+        cfg.algorithm = GRPOConfig(group_size=2, actor_lr=3e-3, minibatch_size=64, update_epochs=1)
+        cfg.env.episode_length = 8  # 2 decisions per episode
+        cfg.rollout.episodes_per_env = 2
+        cfg.iterations = 1
+        return cfg
+
+    learner = Learner(grpo_cfg(tmp_path / "run", num_actors=2))
+    received: list[RolloutMessage] = []
+    submit = learner.rollouts.submit
+    learner.rollouts.submit = lambda message: (submit(message), received.append(message))
+    actors = start_actors(
+        learner, [grpo_cfg(tmp_path / "unused", actor_id=a, port=learner.port) for a in (0, 1)]
+    )
+    results = run_threads(learner, actors)
+
+    assert results["learner"].state.iteration == 1 and all(results[a].finished for a in (0, 1))
+    # One group (2 envs) per actor and round, 2 rounds: 2 seeds each, from disjoint ranges of budget 2.
+    assert sorted((m.actor_id, m.seed_start, m.seeds_used, len(m.batches)) for m in received) == [
+        (0, 1000, 2, 2),
+        (1, 1002, 2, 2),
+    ]
+    for message in received:
+        for batch in message.batches:  # the two envs of a group start from the same state
+            first = batch.observations["observation.environment_state"][0]
+            assert torch.equal(first[0], first[1])
+    row = rows(tmp_path / "run")[1]
+    assert row["transport/actors"] == 2.0 and "grpo/kept_group_fraction" in row
+
+
+def test_bad_transport_flags_get_one_error_line(monkeypatch, capsys):
+    from lerobot_pirl.scripts.learner import main
+
+    monkeypatch.setattr(
+        sys, "argv", ["lerobot-pirl-learner", "--transport.num_actors=0", "--output_dir=/nonexistent"]
+    )
+    assert main() == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == "lerobot-pirl-learner: error: --transport.num_actors must be >= 1, got 0"
+    )
 
 
 def test_an_actor_with_other_rollout_settings_or_weights_is_refused(policy_dir, tmp_path):

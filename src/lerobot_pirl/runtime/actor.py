@@ -73,6 +73,11 @@ class Actor:
         self.actor_id = cfg.transport.actor_id
         self.device = resolve_device(cfg.device)
         set_seed(cfg.seed)
+        self.client = LearnerClient(cfg.transport, self.actor_id)
+        if cfg.policy is None:
+            # The few-shot bootstrap is trained once and cached; on the learner's machine, wait until the
+            # learner (which bootstraps before it serves) has made it instead of training a racing copy.
+            self._wait_for_learner()
         policy_path = resolve_policy_source(cfg, None)  # the SFT policy the learner started from
         self.policy, preprocessor, postprocessor = build_rl_policy(cfg, policy_path, self.device)
         self.fingerprint = frozen_fingerprint(self.policy)
@@ -87,7 +92,6 @@ class Actor:
             device=self.device,
             storage_device=cfg.rollout.storage_device,
         )
-        self.client = LearnerClient(cfg.transport, self.actor_id)
         self.receiver = ParameterReceiver(
             self.client,
             max_bytes=int(cfg.transport.max_parameters_mb * MIB),
@@ -95,6 +99,14 @@ class Actor:
         )
         self.result = ActorResult()
         self._stop_event = threading.Event()
+
+    def _wait_for_learner(self) -> None:
+        deadline = time.monotonic() + self.cfg.transport.reconnect_timeout_s
+        logger.info("waiting for the learner at %s", self.cfg.transport.address)
+        while not self.client.ready(timeout=5.0):
+            if time.monotonic() > deadline:
+                raise LearnerLostError(f"no learner answered at {self.cfg.transport.address}")
+            time.sleep(1.0)
 
     def check_compatible(self, message: ParametersMessage) -> None:
         """Refuse (ConfigError) to collect for a learner whose policy or rollout settings differ."""

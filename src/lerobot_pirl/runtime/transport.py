@@ -99,7 +99,7 @@ def invocation_metadata(context: grpc.ServicerContext) -> dict[str, str]:
 @dataclass(frozen=True)
 class PublishedParameters:
     version: int
-    data: bytes  # an encoded ParametersMessage
+    chunks: tuple  # an encoded ParametersMessage as LeRobot's Parameters chunks, cut once for all streams
     finished: bool
 
 
@@ -111,8 +111,9 @@ class ParameterBoard:
         self._latest: PublishedParameters | None = None
 
     def publish(self, version: int, data: bytes, finished: bool = False) -> None:
+        chunks = tuple(send_bytes_in_chunks(data, services_pb2.Parameters, log_prefix="[parameters]"))
         with self._condition:
-            self._latest = PublishedParameters(version, data, finished)
+            self._latest = PublishedParameters(version, chunks, finished)
             self._condition.notify_all()
 
     def wait_for_newer(self, than_version: int | None, timeout: float) -> PublishedParameters | None:
@@ -277,9 +278,7 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
                 published = self.parameters.wait_for_newer(sent_version, timeout=0.5)
                 if published is None:
                     continue
-                yield from send_bytes_in_chunks(
-                    published.data, services_pb2.Parameters, log_prefix=f"[parameters -> actor {actor}]"
-                )
+                yield from published.chunks
                 sent_version = published.version
                 if published.finished:
                     return
