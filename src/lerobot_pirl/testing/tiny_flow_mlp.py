@@ -25,15 +25,13 @@ def save_tiny_flow_mlp(
     """Write policy + processors (identity normalisation) to `folder`; returns it."""
     torch.manual_seed(seed)
     features = features or METAWORLD_FEATURES
+    sizes = {"feature_dim": 32, "hidden_dim": 32, "num_layers": 2} | config_overrides
     config = FlowMLPConfig(
         input_features={k: f for k, f in features.items() if f.type is not FeatureType.ACTION},
         output_features={k: f for k, f in features.items() if f.type is FeatureType.ACTION},
-        feature_dim=32,
-        hidden_dim=32,
-        num_layers=2,
         device="cpu",
         push_to_hub=False,
-        **config_overrides,
+        **sizes,
     )
     stats = {
         key: {"mean": torch.zeros(feature.shape), "std": torch.ones(feature.shape)}
