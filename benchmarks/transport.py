@@ -11,7 +11,8 @@
 2. End to end: `lerobot-pirl-learner` + N `lerobot-pirl-actor` processes (forked from a preloaded
    forkserver) on MetaWorld reach-v3 (state) with a tiny random flow_mlp, and the single-process
    `lerobot-pirl-train` with the same per-process envs as a reference. Env steps/s = training env steps
-   of iterations 2.. divided by their wall time (from metrics.jsonl; iteration 1 warms up).
+   of iterations 2.. divided by their wall time (from metrics.jsonl; iteration 1 warms up); every
+   setup runs once per round, `--rounds` rounds one after the other, median reported.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/transport.py --output benchmarks/results/transport.json
 """
@@ -248,61 +249,73 @@ def steady_state_sps(metrics_path: Path) -> tuple[float, float]:
     return (last["env_steps"] - first["env_steps"]) / seconds, seconds / (len(rows) - 1)
 
 
-def end_to_end_rows(actor_counts: list[int], num_envs: int, decisions: int, iterations: int) -> list[dict]:
+def run_trainer(work: Path, common: list[str], iterations: int, tag: str) -> tuple[float, float]:
+    output = work / f"trainer_{tag}"
+    process = start_cli(
+        "lerobot-pirl-train", [*common, *training_flags(output, iterations)], work / f"{tag}.log"
+    )
+    process.join(1800)
+    return steady_state_sps(output / "metrics.jsonl")
+
+
+def run_learner_and_actors(
+    work: Path, common: list[str], iterations: int, actors: int, tag: str
+) -> tuple[float, float]:
+    output, port = work / f"actors{actors}_{tag}", free_port()
+    transport = [f"--transport.port={port}"]
+    learner = start_cli(
+        "lerobot-pirl-learner",
+        [*common, *transport, *training_flags(output, iterations), f"--transport.num_actors={actors}"],
+        work / f"learner{actors}_{tag}.log",
+    )
+    actor_processes = [
+        start_cli(
+            "lerobot-pirl-actor",
+            [*common, *transport, f"--transport.actor_id={a}"],
+            work / f"actor{actors}_{a}_{tag}.log",
+        )
+        for a in range(actors)
+    ]
+    learner.join(1800)
+    for process in actor_processes:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+    return steady_state_sps(output / "metrics.jsonl")
+
+
+def end_to_end_rows(
+    actor_counts: list[int], num_envs: int, decisions: int, iterations: int, rounds: int
+) -> list[dict]:
+    """Every setup once per round, rounds one after the other (load from other jobs hits all setups)."""
     work = Path(tempfile.mkdtemp(prefix="pirl_transport_bench_"))
     policy_dir = write_tiny_metaworld_flow_mlp(work / "policy")
     common = common_flags(policy_dir, num_envs, decisions)
-    rows = []
-
-    output = work / "trainer"
-    process = start_cli(
-        "lerobot-pirl-train", [*common, *training_flags(output, iterations)], work / "trainer.log"
-    )
-    process.join(1800)
-    sps, per_iteration = steady_state_sps(output / "metrics.jsonl")
-    rows.append(
-        {
-            "setup": "lerobot-pirl-train (1 process)",
-            "actors": 0,
-            "env_steps_per_s": sps,
-            "s_per_it": per_iteration,
-        }
-    )
-    print(f"trainer (single process): {sps:7.0f} env steps/s, {per_iteration:.2f} s/iteration", flush=True)
-
-    for actors in actor_counts:
-        output, port = work / f"actors{actors}", free_port()
-        transport = [f"--transport.port={port}"]
-        learner = start_cli(
-            "lerobot-pirl-learner",
-            [*common, *transport, *training_flags(output, iterations), f"--transport.num_actors={actors}"],
-            work / f"learner{actors}.log",
-        )
-        actor_processes = [
-            start_cli(
-                "lerobot-pirl-actor",
-                [*common, *transport, f"--transport.actor_id={a}"],
-                work / f"actor{actors}_{a}.log",
+    setups = [("lerobot-pirl-train (1 process)", 0)] + [(f"learner + {n} actors", n) for n in actor_counts]
+    measured: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in setups}
+    for round_index in range(rounds):
+        for name, actors in setups:
+            tag = f"r{round_index}"
+            if actors == 0:
+                result = run_trainer(work, common, iterations, tag)
+            else:
+                result = run_learner_and_actors(work, common, iterations, actors, tag)
+            measured[name].append(result)
+            print(
+                f"round {round_index}: {name}: {result[0]:7.0f} env steps/s, {result[1]:.2f} s/iteration",
+                flush=True,
             )
-            for a in range(actors)
-        ]
-        learner.join(1800)
-        for process in actor_processes:
-            process.join(60)
-            if process.is_alive():
-                process.kill()
-        sps, per_iteration = steady_state_sps(output / "metrics.jsonl")
+    rows = []
+    for name, actors in setups:
+        sps = [m[0] for m in measured[name]]
         rows.append(
             {
-                "setup": f"learner + {actors} actors",
+                "setup": name,
                 "actors": actors,
-                "env_steps_per_s": sps,
-                "s_per_it": per_iteration,
+                "env_steps_per_s_median": statistics.median(sps),
+                "env_steps_per_s_rounds": sps,
+                "s_per_iteration_median": statistics.median(m[1] for m in measured[name]),
             }
-        )
-        print(
-            f"learner + {actors} actor(s): {sps:7.0f} env steps/s, {per_iteration:.2f} s/iteration",
-            flush=True,
         )
     return rows
 
@@ -317,6 +330,7 @@ def main() -> None:
     parser.add_argument("--num_envs", type=int, default=4, help="envs per actor (and of the trainer)")
     parser.add_argument("--decisions", type=int, default=25, help="decisions per env and iteration")
     parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="end-to-end repetitions of every setup")
     parser.add_argument("--skip_end_to_end", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -330,7 +344,8 @@ def main() -> None:
         result["end_to_end"] = {
             "num_envs_per_process": args.num_envs,
             "decisions_per_env": args.decisions,
-            "rows": end_to_end_rows(args.actors, args.num_envs, args.decisions, args.iterations),
+            "iterations": args.iterations,
+            "rows": end_to_end_rows(args.actors, args.num_envs, args.decisions, args.iterations, args.rounds),
         }
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -255,7 +255,8 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         return metadata
 
     def _refuse(self, context: grpc.ServicerContext, what: str, error: PayloadError) -> None:
-        self.rejected += 1
+        with self._streams_lock:
+            self.rejected += 1
         # A late rollout (the actor collected for a version or learner run that has moved on) is part of
         # normal operation after a timeout or a restart; anything else is a broken or hostile client.
         level = logging.WARNING if error.reason in (STALE, DUPLICATE) else logging.ERROR
