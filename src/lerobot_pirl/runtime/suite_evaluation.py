@@ -71,7 +71,7 @@ class SuiteEvalResult:
             return (
                 f"{suite:16s} {task:>4s} {100 * result.success_rate:7.1f}% {interval:>16s} "
                 f"{result.n_episodes:8d}  {text}"
-            )
+            ).rstrip()
 
         lines += [row(t.suite, str(t.task_id), t.result, t.task) for t in self.tasks]
         lines += [row(suite, "all", result) for suite, result in self.per_suite().items()]
