@@ -437,6 +437,36 @@ def test_tls_learner_serves_actors_that_trust_its_certificate_only(tmp_path):
         grpc_server.stop(grace=None)
 
 
+def test_an_actor_knows_how_long_the_learner_has_been_unreachable():
+    from lerobot_pirl.testing.processes import free_port
+
+    transport = TransportConfig(port=free_port())
+    client = LearnerClient(transport, 0)
+    assert not client.ready(timeout=0.5)
+    time.sleep(0.2)
+    assert client.unreachable_for() >= 0.2  # counted from the client's start: nothing listens yet
+    servicer = LearnerServicer(ParameterBoard(), RolloutBoard(), SPEC, max_upload_bytes=1 << 20)
+    grpc_server, _ = start_learner_server(transport, servicer)
+    receiver = ParameterReceiver(client, max_bytes=1 << 20, max_backoff_s=0.2)
+    try:
+        receiver.start()  # the open stream alone (nothing published yet) proves the learner is there
+        deadline = time.monotonic() + 20
+        while client.unreachable_for() > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.unreachable_for() == 0.0 and receiver.latest is None
+        servicer.stopping.set()
+        grpc_server.stop(grace=None)
+        deadline = time.monotonic() + 20
+        while client.unreachable_for() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.unreachable_for() > 0  # the stream broke off and reconnecting fails
+    finally:
+        receiver.stop()
+        servicer.stopping.set()
+        grpc_server.stop(grace=None)
+        client.close()
+
+
 def test_events_are_json_objects_or_refused(server):
     servicer, transport = server
     events = []

@@ -270,6 +270,7 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
     def StreamParameters(self, request, context):  # noqa: N802
         metadata = self._authorize(context)
         actor = metadata.get(ACTOR_ID_METADATA, "?")
+        context.send_initial_metadata(())  # lets the actor know at once that it is connected
         logger.info("actor %s connected from %s", actor, context.peer())
         with self._streams_lock:
             self.open_streams += 1
@@ -409,18 +410,21 @@ class LearnerClient:
         token = os.environ.get(TOKEN_ENV)
         if token:
             self.metadata.append((TOKEN_METADATA, token))
-        self._connectivity = grpc.ChannelConnectivity.IDLE
+        # Reachability from our own calls' outcomes (gRPC's connectivity watcher thread errors out
+        # when its channel is closed under it): an open parameter stream counts as reachable.
         self._unreachable_since: float | None = time.monotonic()
         self._state_lock = threading.Lock()
-        self.channel.subscribe(self._on_connectivity, try_to_connect=True)
 
-    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+    def mark_reachable(self) -> None:
         with self._state_lock:
-            self._connectivity = state
-            if state is grpc.ChannelConnectivity.READY:
-                self._unreachable_since = None
-            elif self._unreachable_since is None:
-                self._unreachable_since = time.monotonic()
+            self._unreachable_since = None
+
+    def note_error(self, error: grpc.RpcError) -> None:
+        """A call failed; connection-level failures start (or continue) the unreachable clock."""
+        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            with self._state_lock:
+                if self._unreachable_since is None:
+                    self._unreachable_since = time.monotonic()
 
     def unreachable_for(self) -> float:
         """Seconds since the learner was last reachable (0 while connected)."""
@@ -430,17 +434,32 @@ class LearnerClient:
     def ready(self, timeout: float) -> bool:
         try:
             self.stub.Ready(services_pb2.Empty(), timeout=timeout, metadata=self.metadata)
-            return True
-        except grpc.RpcError:
+        except grpc.RpcError as error:
+            self.note_error(error)
             return False
+        self.mark_reachable()
+        return True
 
     def stream_parameters(self):
-        return self.stub.StreamParameters(services_pb2.Empty(), metadata=self.metadata)
+        """The parameter stream, once the learner answered (it sends headers at once); raises RpcError."""
+        call = self.stub.StreamParameters(services_pb2.Empty(), metadata=self.metadata)
+        try:
+            call.initial_metadata()
+        except grpc.RpcError as error:
+            self.note_error(error)
+            raise
+        self.mark_reachable()
+        return call
 
     def upload(self, data: bytes, timeout: float) -> None:
         """Send one rollout; raises grpc.RpcError (the learner's refusal reason is in its details)."""
         chunks = send_bytes_in_chunks(data, services_pb2.Transition, log_prefix="[rollout]")
-        self.stub.SendTransitions(chunks, timeout=timeout, metadata=self.metadata)
+        try:
+            self.stub.SendTransitions(chunks, timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as error:
+            self.note_error(error)
+            raise
+        self.mark_reachable()
 
     def send_event(self, event: dict, timeout: float = 10.0) -> bool:
         data = json.dumps(event).encode()
@@ -452,7 +471,6 @@ class LearnerClient:
             return False
 
     def close(self) -> None:
-        self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
 
 
@@ -502,6 +520,7 @@ class ParameterReceiver(threading.Thread):
             except grpc.RpcError as error:
                 if self._stop_event.is_set():
                     return
+                self.client.note_error(error)
                 logger.warning("learner unreachable (%s); retrying in %.1f s", error.code().name, backoff)
             except PayloadError as error:
                 logger.error("refused parameters from the learner: %s", error)
