@@ -45,7 +45,6 @@ from lerobot_pirl.runtime.checkpoint import (
     TrainerState,
     last_checkpoint,
     restore_training_state,
-    save_checkpoint,
     save_config,
 )
 from lerobot_pirl.runtime.ddp import (
@@ -63,7 +62,7 @@ from lerobot_pirl.runtime.distributed_config import (
     rollout_seed_budget,
     rollout_signature,
 )
-from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
+from lerobot_pirl.runtime.evaluation import EvalResult
 from lerobot_pirl.runtime.metrics import MetricsLog, plot_learning_curves
 from lerobot_pirl.runtime.payloads import (
     MIB,
@@ -75,6 +74,7 @@ from lerobot_pirl.runtime.payloads import (
 )
 from lerobot_pirl.runtime.trainer import (
     ConfigError,
+    Trainer,
     TrainResult,
     build_collector,
     build_rl_policy,
@@ -130,13 +130,15 @@ def rollout_samples(
     return samples, batches, extras
 
 
-class Learner:
+class Learner(Trainer):
     """Holds the learner's state; `run()` serves versions until the training budget is spent.
 
     Under torchrun every rank builds a Learner; rank 0 serves the actors, the others follow its updates.
+    It shares the trainer's evaluation protocol, checkpointing, logging and budget (inherited methods)
+    but builds its own state: no training envs (the actors have them), a gRPC server instead.
     """
 
-    def __init__(self, cfg: DistributedTrainConfig):
+    def __init__(self, cfg: DistributedTrainConfig):  # not Trainer.__init__: it builds training envs
         self.cfg = cfg
         transport = cfg.transport
         self.dist, self.device = init_distributed(resolve_device(cfg.device), transport.dist_timeout_s)
@@ -206,13 +208,6 @@ class Learner:
 
     # ---- set-up helpers -----------------------------------------------------------------------------
 
-    def _check_output_dir(self) -> None:
-        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.cfg.resume:
-            raise ConfigError(
-                f"output dir {self.output_dir} already holds a run; pass --resume=true to continue it "
-                "or choose another --output_dir"
-            )
-
     def _policy_source(self):
         """Rank 0 resolves first (it may bootstrap the few-shot policy); the others then hit its cache."""
         if not self.dist.is_distributed:
@@ -222,23 +217,6 @@ class Learner:
         source = resolve_policy_source(self.cfg, self.resume_from) if self.dist.is_main else None
         dist.barrier()
         return source if self.dist.is_main else resolve_policy_source(self.cfg, self.resume_from)
-
-    def _init_wandb(self):
-        if not self.cfg.wandb.enable:
-            return None
-        import draccus
-        import wandb
-
-        return wandb.init(
-            project=self.cfg.wandb.project,
-            entity=self.cfg.wandb.entity,
-            name=self.cfg.job_name,
-            notes=self.cfg.wandb.notes,
-            mode=self.cfg.wandb.mode,
-            dir=str(self.output_dir),
-            config=draccus.encode(self.cfg),
-            resume="allow",
-        )
 
     def _rollout_spec(self) -> RolloutSpec:
         """What every actor batch must look like: this policy's sizes and one real observation's
@@ -287,45 +265,6 @@ class Learner:
         )
 
     # ---- the loop -----------------------------------------------------------------------------------
-
-    def evaluate(self, label: str) -> EvalResult:
-        eval_cfg = self.cfg.eval
-        return evaluate(
-            self.eval_collector,
-            eval_cfg.n_episodes,
-            eval_cfg.seed,
-            video_dir=self.output_dir / "videos",
-            n_videos=eval_cfg.videos,
-            video_prefix=label,
-            fps=self.cfg.env.fps,
-        )
-
-    def _save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
-            cfg=self.cfg,
-            total_iterations=self.cfg.iterations,
-            policy=self.policy,
-            preprocessor=self.preprocessor,
-            postprocessor=self.postprocessor,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state=self.state,
-        )
-
-    def _log(self, row: dict) -> None:
-        self.metrics.append(row)
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iteration"])
-
-    def _budget_spent(self, started: float) -> bool:
-        cfg = self.cfg
-        if self.state.iteration >= cfg.iterations:
-            return True
-        if cfg.max_env_steps is not None and self.state.env_steps >= cfg.max_env_steps:
-            return True
-        elapsed_min = (self.state.elapsed_s + time.perf_counter() - started) / 60
-        return cfg.max_minutes is not None and elapsed_min >= cfg.max_minutes
 
     def _update(self, samples: UpdateSamples | None) -> dict[str, float]:
         """One update on every rank (rank 0 broadcasts the samples first when distributed)."""
