@@ -70,7 +70,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     policy_path = args.policy_path or save_tiny_flow_mlp(
-        Path("/tmp/lerobot_pirl_bench_policy"), hidden_dim=256, feature_dim=256, num_layers=3
+        Path("/tmp/lerobot_pirl_bench_policy"),
+        chunk_size=8,
+        num_inference_steps=4,
+        hidden_dim=256,
+        feature_dim=256,
+        num_layers=3,
+        encoder_num_layers=2,
     )
 
     rows = []

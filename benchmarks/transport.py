@@ -43,8 +43,8 @@ from lerobot_pirl.runtime.transport import (
     RolloutBoard,
     start_learner_server,
 )
-from lerobot_pirl.testing.metaworld_flow_mlp import write_tiny_metaworld_flow_mlp
 from lerobot_pirl.testing.processes import free_port, start_cli
+from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
 
 OBS_KEY = "observation.image"
 
@@ -289,7 +289,7 @@ def end_to_end_rows(
 ) -> list[dict]:
     """Every setup once per round, rounds one after the other (load from other jobs hits all setups)."""
     work = Path(tempfile.mkdtemp(prefix="pirl_transport_bench_"))
-    policy_dir = write_tiny_metaworld_flow_mlp(work / "policy")
+    policy_dir = save_tiny_flow_mlp(work / "policy")
     common = common_flags(policy_dir, num_envs, decisions)
     setups = [("lerobot-pirl-train (1 process)", 0)] + [(f"learner + {n} actors", n) for n in actor_counts]
     measured: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in setups}

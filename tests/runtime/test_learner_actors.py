@@ -28,15 +28,15 @@ from lerobot_pirl.runtime.learner import Learner, update_generator
 from lerobot_pirl.runtime.payloads import ParametersMessage, RolloutMessage, trainable_state
 from lerobot_pirl.runtime.trainer import Trainer, build_collector
 from lerobot_pirl.testing.ddp_check import check_policy, run_ddp_update
-from lerobot_pirl.testing.metaworld_flow_mlp import write_tiny_metaworld_flow_mlp
 from lerobot_pirl.testing.processes import free_port, start_cli
+from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
 
 TASK = "reach-v3"
 
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory) -> Path:
-    return write_tiny_metaworld_flow_mlp(tmp_path_factory.mktemp("policy") / "flow_mlp")
+    return save_tiny_flow_mlp(tmp_path_factory.mktemp("policy") / "flow_mlp")
 
 
 def make_cfg(policy_dir: Path, output_dir: Path, **transport) -> DistributedTrainConfig:

@@ -17,7 +17,6 @@ each actor seeds its RNGs with its seed range's start, so a run is reproducible 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -26,13 +25,11 @@ from pathlib import Path
 import torch
 from lerobot.envs.utils import close_envs
 from lerobot.utils.random_utils import set_seed
-from tqdm.auto import tqdm
 
 from lerobot_pirl.algorithms.config import GRPOConfig
 from lerobot_pirl.algorithms.grpo import grpo_samples
 from lerobot_pirl.algorithms.ppo import ppo_samples
 from lerobot_pirl.algorithms.update import (
-    NonFiniteLossError,
     UpdateSamples,
     make_lr_scheduler,
     make_optimizer,
@@ -62,8 +59,7 @@ from lerobot_pirl.runtime.distributed_config import (
     rollout_seed_budget,
     rollout_signature,
 )
-from lerobot_pirl.runtime.evaluation import EvalResult
-from lerobot_pirl.runtime.metrics import MetricsLog, plot_learning_curves
+from lerobot_pirl.runtime.metrics import MetricsLog
 from lerobot_pirl.runtime.payloads import (
     MIB,
     ParametersMessage,
@@ -74,13 +70,13 @@ from lerobot_pirl.runtime.payloads import (
 )
 from lerobot_pirl.runtime.trainer import (
     ConfigError,
+    Rollout,
     Trainer,
     TrainResult,
     build_collector,
     build_rl_policy,
     resolve_device,
     resolve_policy_source,
-    rollout_metrics,
 )
 from lerobot_pirl.runtime.transport import (
     LearnerServicer,
@@ -288,118 +284,50 @@ class Learner(Trainer):
             return {"losses/num_samples": 0.0}
         return policy_update(self.policy, self.optimizer, samples, self.cfg.algorithm, self.device, generator)
 
+    progress_label = "πRL learner"
+
     def run(self) -> TrainResult:
         if not self.dist.is_main:
             return self._follow()
-        cfg = self.cfg
-        sft_result = None
-        if self.state.iteration == 0 and self.resume_from is None:
-            sft_result = self.evaluate("sft")
-            self.state.sft_success_rate = sft_result.success_rate
-            self.state.sft_eval_episodes = sft_result.n_episodes
-            self._log({"iteration": 0, "env_steps": 0, **sft_result.to_metrics()})
-            logger.info("SFT policy: %s", sft_result.summary())
+        return super().run()
 
-        started = time.perf_counter()
-        elapsed_before = self.state.elapsed_s
-        checkpoint_dir = None
-        last_eval: EvalResult | None = sft_result
-        error = None
-        completed = False
-        progress = tqdm(
-            total=cfg.iterations,
-            initial=self.state.iteration,
-            desc="πRL learner",
-            unit="it",
-            dynamic_ncols=True,
-        )
-        try:
-            if not self._budget_spent(started):
-                self.publish()
-            while not self._budget_spent(started):
-                version = self.state.iteration
-                result = self.rollouts.wait(cfg.transport.straggler_timeout_s, self.stop_event)
-                if result is None:
-                    break
-                if result.timed_out:
-                    arrived = {m.actor_id for m in result.rollouts}
-                    missing = sorted(set(range(result.expected)) - arrived)
-                    logger.warning(
-                        "version %d: going on with %d/%d actor rollouts after the %.0f s straggler timeout "
-                        "(missing actors %s)",
-                        version,
-                        len(result.rollouts),
-                        result.expected,
-                        cfg.transport.straggler_timeout_s,
-                        missing,
-                    )
-                samples, batches, extras = rollout_samples(result.rollouts, cfg)
-                env_steps = sum(m.env_steps for m in result.rollouts)
-                self.state.env_steps += env_steps
-                self.state.next_env_seed += cfg.transport.num_actors * self.seed_budget
-                update_start = time.perf_counter()
-                try:
-                    update_metrics = self._update(samples)
-                except NonFiniteLossError as nan_error:
-                    error = f"{nan_error} at iteration {self.state.iteration + 1}"
-                    checkpoint_dir = self._save()
-                    raise
-                self.scheduler.step()
-                self.state.iteration += 1
-                self.state.elapsed_s = elapsed_before + time.perf_counter() - started
-                update_s = time.perf_counter() - update_start
-                final_iteration = self._budget_spent(started)
-                if not final_iteration:
-                    self.publish()  # actors collect v+1 while this process evaluates and checkpoints
-                row = {
-                    "iteration": self.state.iteration,
-                    "env_steps": self.state.env_steps,
-                    "time_s": self.state.elapsed_s,
-                    "charts/SPS": env_steps / max(result.wait_s, 1e-9),
-                    "charts/collect_s": result.wait_s,
-                    "charts/update_s": update_s,
-                    "charts/actor_lr": self.optimizer.param_groups[0]["lr"],
-                    "transport/actors": float(len(result.rollouts)),
-                    "transport/actors_expected": float(result.expected),
-                    "transport/timed_out": float(result.timed_out),
-                    "transport/rejected_payloads": float(self.servicer.rejected),
-                    **(rollout_metrics(batches) if batches else {}),
-                    **update_metrics,
-                    **extras,
-                }
-                if final_iteration or (cfg.eval.freq > 0 and self.state.iteration % cfg.eval.freq == 0):
-                    last_eval = self.evaluate(f"iter{self.state.iteration:06d}")
-                    row.update(last_eval.to_metrics())
-                self._log(row)
-                if final_iteration or (cfg.save_freq > 0 and self.state.iteration % cfg.save_freq == 0):
-                    checkpoint_dir = self._save()
-                    plot_learning_curves(self.metrics.rows, self.output_dir / "plots", title=cfg.job_name)
-                progress.update(1)
-                progress.set_postfix(
-                    actors=f"{len(result.rollouts)}/{result.expected}",
-                    rollout=f"{row.get('rollout/success_rate', math.nan):.0%}",
-                    eval=f"{last_eval.success_rate:.0%}" if last_eval else "-",
-                    sps=f"{row['charts/SPS']:.0f}",
-                )
-            completed = self._budget_spent(started)
-        except NonFiniteLossError:
-            logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
-        finally:
-            progress.close()
-            self.shutdown(tell_actors_to_exit=completed)
-        if checkpoint_dir is None:
-            checkpoint_dir = last_checkpoint(self.output_dir)
-        plot_learning_curves(self.metrics.rows, self.output_dir / "plots", title=cfg.job_name)
-        sft = sft_result
-        if sft is None and self.state.sft_success_rate is not None:
-            sft = EvalResult(
-                self.state.sft_success_rate, math.nan, math.nan, self.state.sft_eval_episodes, 0, 0
+    def _start(self) -> None:
+        self.publish()
+
+    def _gather(self) -> Rollout | None:
+        cfg = self.cfg
+        result = self.rollouts.wait(cfg.transport.straggler_timeout_s, self.stop_event)
+        if result is None:
+            return None
+        if result.timed_out:
+            arrived = {m.actor_id for m in result.rollouts}
+            missing = sorted(set(range(result.expected)) - arrived)
+            logger.warning(
+                "version %d: going on with %d/%d actor rollouts after the %.0f s straggler timeout "
+                "(missing actors %s)",
+                self.state.iteration,
+                len(result.rollouts),
+                result.expected,
+                cfg.transport.straggler_timeout_s,
+                missing,
             )
-        if self.wandb is not None:
-            self.wandb.finish()
-        return TrainResult(
-            sft=sft, final=last_eval, state=self.state, checkpoint_dir=checkpoint_dir, stopped_by_error=error
-        )
+        samples, batches, extras = rollout_samples(result.rollouts, cfg)
+        self.state.next_env_seed += cfg.transport.num_actors * self.seed_budget
+        transport_metrics = {
+            "transport/actors": float(len(result.rollouts)),
+            "transport/actors_expected": float(result.expected),
+            "transport/timed_out": float(result.timed_out),
+            "transport/rejected_payloads": float(self.servicer.rejected),
+        }
+        env_steps = sum(m.env_steps for m in result.rollouts)
+        return Rollout(samples, batches, env_steps, result.wait_s, {**transport_metrics, **extras})
+
+    def _after_update(self, final_iteration: bool) -> None:
+        if not final_iteration:
+            self.publish()  # actors collect v+1 while this process evaluates and checkpoints
+
+    def _close(self, completed: bool) -> None:
+        self.shutdown(tell_actors_to_exit=completed)
 
     def _follow(self) -> TrainResult:
         """Ranks > 0: apply rank 0's updates until it says stop."""

@@ -52,6 +52,17 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class Rollout:
+    """One iteration's experience, however it was gathered (here, or from actors)."""
+
+    samples: UpdateSamples | None  # None: nothing usable arrived
+    batches: list[RolloutBatch]
+    env_steps: int
+    collect_s: float
+    metrics: dict[str, float]  # algorithm/transport extras for the metrics row
+
+
+@dataclass
 class TrainResult:
     sft: EvalResult | None
     final: EvalResult | None
@@ -405,6 +416,33 @@ class Trainer:
         elapsed_min = (self.state.elapsed_s + time.perf_counter() - started) / 60
         return cfg.max_minutes is not None and elapsed_min >= cfg.max_minutes
 
+    # ---- the steps of one iteration; the learner process overrides them ----------------------------
+
+    progress_label = "πRL"
+
+    def _start(self) -> None:
+        """Before the first iteration of this process (the learner publishes its first version)."""
+
+    def _gather(self) -> Rollout | None:
+        """This iteration's rollouts and update samples; None ends the run early."""
+        start = time.perf_counter()
+        samples, batches, extras = collect_update_samples(self.cfg, self.collector)
+        self.state.next_env_seed = self.collector.next_seed
+        env_steps = sum(b.env_steps for b in batches)
+        return Rollout(samples, batches, env_steps, time.perf_counter() - start, extras)
+
+    def _update(self, samples: UpdateSamples | None) -> dict[str, float]:
+        return policy_update(self.policy, self.optimizer, samples, self.cfg.algorithm, self.device)
+
+    def _after_update(self, final_iteration: bool) -> None:
+        """Right after an update (the learner publishes the next version before evaluating)."""
+
+    def _close(self, completed: bool) -> None:
+        close_envs(self.envs)
+        close_envs(self.eval_envs)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
     def run(self) -> TrainResult:
         cfg = self.cfg
         sft_result = None
@@ -420,21 +458,25 @@ class Trainer:
         checkpoint_dir = None
         last_eval: EvalResult | None = sft_result
         error = None
+        completed = False
         progress = tqdm(
-            total=cfg.iterations, initial=self.state.iteration, desc="πRL", unit="it", dynamic_ncols=True
+            total=cfg.iterations,
+            initial=self.state.iteration,
+            desc=self.progress_label,
+            unit="it",
+            dynamic_ncols=True,
         )
         try:
+            if not self._budget_spent(started):
+                self._start()
             while not self._budget_spent(started):
-                iteration_start = time.perf_counter()
-                samples, batches, extras = collect_update_samples(cfg, self.collector)
-                collect_s = time.perf_counter() - iteration_start
-                self.state.env_steps += sum(b.env_steps for b in batches)
-                self.state.next_env_seed = self.collector.next_seed
+                rollout = self._gather()
+                if rollout is None:
+                    break
+                self.state.env_steps += rollout.env_steps
                 update_start = time.perf_counter()
                 try:
-                    update_metrics = policy_update(
-                        self.policy, self.optimizer, samples, cfg.algorithm, self.device
-                    )
+                    update_metrics = self._update(rollout.samples)
                 except NonFiniteLossError as nan_error:
                     error = f"{nan_error} at iteration {self.state.iteration + 1}"
                     checkpoint_dir = self._save()
@@ -442,19 +484,21 @@ class Trainer:
                 self.scheduler.step()
                 self.state.iteration += 1
                 self.state.elapsed_s = elapsed_before + time.perf_counter() - started
+                update_s = time.perf_counter() - update_start
+                final_iteration = self._budget_spent(started)
+                self._after_update(final_iteration)
                 row = {
                     "iteration": self.state.iteration,
                     "env_steps": self.state.env_steps,
                     "time_s": self.state.elapsed_s,
-                    "charts/SPS": sum(b.env_steps for b in batches) / max(collect_s, 1e-9),
-                    "charts/collect_s": collect_s,
-                    "charts/update_s": time.perf_counter() - update_start,
+                    "charts/SPS": rollout.env_steps / max(rollout.collect_s, 1e-9),
+                    "charts/collect_s": rollout.collect_s,
+                    "charts/update_s": update_s,
                     "charts/actor_lr": self.optimizer.param_groups[0]["lr"],
-                    **rollout_metrics(batches),
+                    **(rollout_metrics(rollout.batches) if rollout.batches else {}),
                     **update_metrics,
-                    **extras,
+                    **rollout.metrics,
                 }
-                final_iteration = self._budget_spent(started)
                 if final_iteration or (cfg.eval.freq > 0 and self.state.iteration % cfg.eval.freq == 0):
                     last_eval = self.evaluate(f"iter{self.state.iteration:06d}")
                     row.update(last_eval.to_metrics())
@@ -469,12 +513,12 @@ class Trainer:
                     kl=f"{row['losses/approx_kl']:.3g}" if "losses/approx_kl" in row else "-",
                     sps=f"{row['charts/SPS']:.0f}",
                 )
+            completed = self._budget_spent(started)
         except NonFiniteLossError:
             logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
         finally:
             progress.close()
-            close_envs(self.envs)
-            close_envs(self.eval_envs)
+            self._close(completed)
         if checkpoint_dir is None:
             checkpoint_dir = last_checkpoint(self.output_dir)
         plot_learning_curves(self.metrics.rows, self.output_dir / "plots", title=cfg.job_name)

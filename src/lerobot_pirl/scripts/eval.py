@@ -23,7 +23,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from lerobot.configs import parser
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
@@ -86,7 +85,6 @@ def main(cfg: EvalPipelineConfig) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    torch.set_grad_enabled(False)
     try:
         cfg.validate()
         results = evaluate_policy_per_task(cfg)
