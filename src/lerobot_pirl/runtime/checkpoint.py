@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,6 @@ from lerobot.common.train_utils import (
     get_step_checkpoint_dir,
     load_training_state,
     save_training_state,
-    update_last_checkpoint,
 )
 from lerobot.utils.constants import (
     CHECKPOINTS_DIR,
@@ -92,13 +92,28 @@ def save_checkpoint(
     if final_dir.exists():  # a re-run of the same iteration after a resume
         shutil.rmtree(final_dir)
     staging.rename(final_dir)
-    update_last_checkpoint(final_dir)
+    point_last_at(final_dir)
     return final_dir
 
 
+def point_last_at(checkpoint_dir: Path) -> None:
+    """Move `checkpoints/last` atomically: a new link renamed over the old one. (LeRobot's
+    update_last_checkpoint unlinks first, and a kill between its two calls leaves no `last`.)"""
+    last = checkpoint_dir.parent / LAST_CHECKPOINT_LINK
+    fresh = checkpoint_dir.parent / f".{LAST_CHECKPOINT_LINK}.{os.getpid()}"
+    fresh.unlink(missing_ok=True)
+    fresh.symlink_to(checkpoint_dir.name)
+    os.replace(fresh, last)
+
+
 def last_checkpoint(output_dir: Path) -> Path | None:
-    last = Path(output_dir) / CHECKPOINTS_DIR / LAST_CHECKPOINT_LINK
-    return last.resolve() if last.exists() else None
+    """`checkpoints/last`, or else the newest complete checkpoint (`.partial` folders are never one)."""
+    checkpoints = Path(output_dir) / CHECKPOINTS_DIR
+    last = checkpoints / LAST_CHECKPOINT_LINK
+    if last.exists():
+        return last.resolve()
+    complete = [d for d in checkpoints.glob("[0-9]*") if d.is_dir() and d.name.isdigit()]
+    return max(complete, key=lambda d: int(d.name)) if complete else None
 
 
 def load_trainer_state(checkpoint_dir: Path) -> TrainerState:
