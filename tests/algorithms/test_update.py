@@ -134,8 +134,10 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
     cfg = draccus.parse(_Wrapper, args=args).algorithm
     assert isinstance(cfg, GRPOConfig) and cfg.exploration == "flow_noise" and cfg.group_size == 4
     ppo = draccus.parse(_Wrapper, args=["--algorithm.type=ppo"]).algorithm
-    reference = (ppo.clip_ratio, ppo.gamma, ppo.gae_lambda, ppo.actor_lr, ppo.critic_lr, ppo.noise_level)
-    assert reference == (0.2, 0.99, 0.95, 5e-6, 1e-4, 0.5)
+    reference = (ppo.clip_ratio, ppo.gamma, ppo.gae_lambda, ppo.critic_lr, ppo.noise_level)
+    assert reference == (0.2, 0.99, 0.95, 1e-4, 0.5)
+    assert ppo.actor_lr_for("pi0") == 5e-6 and ppo.actor_lr_for("flow_mlp") == 3e-5  # reference vs small
+    assert PPOConfig(actor_lr=1e-3).actor_lr_for("pi0") == 1e-3
     with pytest.raises(ValueError):
         PPOConfig(exploration="flow_magic")
     with pytest.raises(ValueError):

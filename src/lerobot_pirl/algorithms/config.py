@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import draccus
 
 EXPLORATIONS = ("flow_sde", "flow_noise")
+REFERENCE_ACTOR_LR = 5e-6
+SMALL_POLICY_ACTOR_LR = 3e-5
+SMALL_POLICY_TYPES = ("flow_mlp",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -28,7 +31,10 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     gae_lambda: float = 0.95
 
     # Optimisation
-    actor_lr: float = 5e-6
+    # None: the reference 5e-6 for the VLAs (~300 M trained parameters), SMALL_POLICY_ACTOR_LR for flow_mlp
+    # (at 5e-6 a 256-wide MLP barely moves in a CPU-scale run; at 1e-4 its approx-KL per update
+    # exceeds 1, measured on MetaWorld pick-place: BENCHMARKS.md).
+    actor_lr: float | None = None
     critic_lr: float = 1e-4
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -58,6 +64,11 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     @property
     def uses_critic(self) -> bool:
         return True
+
+    def actor_lr_for(self, policy_type: str | None) -> float:
+        if self.actor_lr is not None:
+            return self.actor_lr
+        return SMALL_POLICY_ACTOR_LR if policy_type in SMALL_POLICY_TYPES else REFERENCE_ACTOR_LR
 
     def __post_init__(self):
         if self.exploration not in EXPLORATIONS:

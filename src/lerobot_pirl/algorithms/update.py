@@ -82,7 +82,8 @@ class UpdateSamples:
 
 def make_optimizer(policy: FlowRLPolicy, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
     """AdamW with two parameter groups: actor (policy + noise head) and critic (value head)."""
-    groups = [{"params": policy.actor_parameters(), "lr": cfg.actor_lr, "name": "actor"}]
+    policy_type = getattr(getattr(policy.adapter.policy, "config", None), "type", None)
+    groups = [{"params": policy.actor_parameters(), "lr": cfg.actor_lr_for(policy_type), "name": "actor"}]
     critic = policy.critic_parameters()
     if critic:
         groups.append({"params": critic, "lr": cfg.critic_lr, "name": "critic"})

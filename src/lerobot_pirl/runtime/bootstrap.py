@@ -14,11 +14,11 @@ import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
 from lerobot.configs.types import FeatureType
-from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.utils.constants import ACTION
 from lerobot.utils.feature_utils import dataset_to_policy_features
 from tqdm.auto import tqdm
@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from lerobot_pirl.policies.flow_mlp.configuration_flow_mlp import FlowMLPConfig
 from lerobot_pirl.policies.flow_mlp.modeling_flow_mlp import FlowMLPPolicy
 from lerobot_pirl.policies.flow_mlp.processor_flow_mlp import make_flow_mlp_pre_post_processors
-from lerobot_pirl.rollout.scripted_demos import record_metaworld_demos
+
+if TYPE_CHECKING:
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +115,11 @@ def bootstrap_flow_policy(env_cfg, cfg, seed: int) -> Path:
             "without --policy.path the few-shot bootstrap needs --env.type=metaworld_state; "
             "pass --policy.path=<a flow policy checkpoint> for other envs"
         )
+    # The RL episode length is not part of the recipe: the experts finish within ~150 steps, so demos
+    # recorded under MetaWorld's 500-step limit serve every shorter training limit too.
     recipe = {
         "task": env_cfg.task,
         "image_size": env_cfg.image_size,
-        "episode_length": env_cfg.episode_length,
         "seed": seed,
         **{k: str(v) for k, v in asdict(cfg).items() if k != "cache_dir"},
     }
@@ -139,6 +142,10 @@ def _bootstrap_locked(env_cfg, cfg, seed: int, root: Path, recipe: dict) -> Path
     if root.exists():  # an interrupted earlier bootstrap
         shutil.rmtree(root)
     root.mkdir(parents=True)
+    from lerobot_pirl.rollout.scripted_demos import (
+        record_metaworld_demos,
+    )  # needs `datasets`; cache hits don't
+
     dataset = record_metaworld_demos(
         env_cfg.task,
         cfg.num_demos,
@@ -146,7 +153,6 @@ def _bootstrap_locked(env_cfg, cfg, seed: int, root: Path, recipe: dict) -> Path
         action_noise=cfg.action_noise,
         seed=seed,
         image_size=env_cfg.image_size,
-        episode_length=env_cfg.episode_length,
     )
     staging = root / "policy.partial"
     train_flow_mlp(dataset, staging, steps=cfg.sft_steps, batch_size=cfg.batch_size, seed=seed)

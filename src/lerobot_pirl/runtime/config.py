@@ -51,9 +51,9 @@ def _default_env() -> EnvConfig:
 
 @dataclass
 class RolloutConfig:
-    num_envs: int = 8  # parallel envs for training rollouts
+    num_envs: int = 16  # parallel envs for training rollouts
     use_async_envs: bool = False  # one process per env (worth it when one env step is slow, e.g. LIBERO)
-    decisions_per_env: int = 32  # PPO: action chunks per env per iteration (episodes carry over)
+    decisions_per_env: int = 16  # PPO: action chunks per env per iteration (episodes carry over)
     episodes_per_env: int = 1  # GRPO: whole episodes per env per iteration
     n_action_steps: int | None = None  # C, actions executed per decision; None = the policy's own
     num_inference_steps: int | None = None  # K, denoising steps (training AND eval); None = the policy's
