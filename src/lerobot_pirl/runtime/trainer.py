@@ -407,14 +407,17 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iteration"])
 
-    def _budget_spent(self, started: float) -> bool:
+    def _elapsed_s(self) -> float:
+        """Training wall time of the whole run, resumed runs included."""
+        return self._elapsed_before + time.perf_counter() - self._run_started
+
+    def _budget_spent(self) -> bool:
         cfg = self.cfg
         if self.state.iteration >= cfg.iterations:
             return True
         if cfg.max_env_steps is not None and self.state.env_steps >= cfg.max_env_steps:
             return True
-        elapsed_min = (self.state.elapsed_s + time.perf_counter() - started) / 60
-        return cfg.max_minutes is not None and elapsed_min >= cfg.max_minutes
+        return cfg.max_minutes is not None and self._elapsed_s() / 60 >= cfg.max_minutes
 
     # ---- the steps of one iteration; the learner process overrides them ----------------------------
 
@@ -453,8 +456,8 @@ class Trainer:
             self._log({"iteration": 0, "env_steps": 0, **sft_result.to_metrics()})
             logger.info("SFT policy: %s", sft_result.summary())
 
-        started = time.perf_counter()
-        elapsed_before = self.state.elapsed_s
+        self._run_started = time.perf_counter()
+        self._elapsed_before = self.state.elapsed_s
         checkpoint_dir = None
         last_eval: EvalResult | None = sft_result
         error = None
@@ -467,9 +470,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            if not self._budget_spent(started):
+            if not self._budget_spent():
                 self._start()
-            while not self._budget_spent(started):
+            while not self._budget_spent():
                 rollout = self._gather()
                 if rollout is None:
                     break
@@ -483,9 +486,9 @@ class Trainer:
                     raise
                 self.scheduler.step()
                 self.state.iteration += 1
-                self.state.elapsed_s = elapsed_before + time.perf_counter() - started
+                self.state.elapsed_s = self._elapsed_s()
                 update_s = time.perf_counter() - update_start
-                final_iteration = self._budget_spent(started)
+                final_iteration = self._budget_spent()
                 self._after_update(final_iteration)
                 row = {
                     "iteration": self.state.iteration,
@@ -513,7 +516,7 @@ class Trainer:
                     kl=f"{row['losses/approx_kl']:.3g}" if "losses/approx_kl" in row else "-",
                     sps=f"{row['charts/SPS']:.0f}",
                 )
-            completed = self._budget_spent(started)
+            completed = self._budget_spent()
         except NonFiniteLossError:
             logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
         finally:
