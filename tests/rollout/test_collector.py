@@ -50,6 +50,12 @@ def test_episodic_rollout_sums_rewards_masks_after_the_end_and_bootstraps_only_t
     assert len(collector.vec_env.envs[1].unwrapped.actions) == 9
 
 
+def test_dense_rewards_are_scaled():
+    collector = make_collector(sparse_reward=False, reward_scale=0.5)
+    batch = collector.collect_episodes([0, 1], "flow_sde")
+    assert torch.allclose(batch.rewards[:3, 0], torch.tensor([0.1, 0.1, 0.05]))
+
+
 def test_sparse_reward_is_paid_once_at_the_first_success():
     collector = make_collector()  # sparse by default
     batch = collector.collect_episodes([0, 3], "flow_sde")

@@ -99,6 +99,7 @@ class ChunkCollector:
         env_preprocessor, env_postprocessor: the env's processors (`make_env_pre_post_processors`).
         device: where the policy runs; rollout tensors are stored on `storage_device`.
         sparse_reward: reward +1 at the first success and 0 otherwise; else the env's own reward.
+        reward_scale: multiplies the env's own (dense) reward, so returns suit the critic's Huber loss.
         end_on_success: the episode ends at its first success (what follows is never used).
         seed: base seed for the resets of the continuous (PPO) mode.
     """
@@ -115,6 +116,7 @@ class ChunkCollector:
         device: torch.device | str = "cpu",
         storage_device: torch.device | str = "cpu",
         sparse_reward: bool = True,
+        reward_scale: float = 1.0,
         end_on_success: bool = True,
         seed: int = 0,
     ):
@@ -128,6 +130,7 @@ class ChunkCollector:
         self.device = torch.device(device)
         self.storage_device = torch.device(storage_device)
         self.sparse_reward = sparse_reward
+        self.reward_scale = reward_scale
         self.end_on_success = end_on_success
         self.next_seed = seed
         self.tasks = self._task_descriptions()
@@ -207,7 +210,7 @@ class ChunkCollector:
             if self.sparse_reward:
                 reward += (step_succeeded & ~succeeded & ~success).astype(np.float64)
             else:
-                reward += np.where(running, step_reward, 0.0)
+                reward += np.where(running, self.reward_scale * np.asarray(step_reward), 0.0)
             success |= step_succeeded
             ends_by_success = step_succeeded & self.end_on_success
             terminated |= running & (np.asarray(step_terminated, dtype=bool) | ends_by_success)

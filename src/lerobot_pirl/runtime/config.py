@@ -58,6 +58,7 @@ class RolloutConfig:
     n_action_steps: int | None = None  # C, actions executed per decision; None = the policy's own
     num_inference_steps: int | None = None  # K, denoising steps (training AND eval); None = the policy's
     sparse_reward: bool = True  # +1 at the first success, else 0; false = the env's dense reward
+    reward_scale: float = 1.0  # multiplies the dense reward (MetaWorld's is up to 10 per step: try 0.01)
     end_on_success: bool = True
     storage_device: str = "cpu"  # where rollout tensors wait for the update
     # LIBERO: shadows, reflections, skybox off inside every env worker (~2.6x faster on CPU). Off by

@@ -262,6 +262,7 @@ def build_collector(
         device=device,
         storage_device=storage_device,
         sparse_reward=cfg.rollout.sparse_reward,
+        reward_scale=cfg.rollout.reward_scale,
         end_on_success=cfg.rollout.end_on_success,
         seed=seed,
     )
