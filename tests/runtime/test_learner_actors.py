@@ -197,12 +197,14 @@ def test_grpo_groups_stay_inside_each_actor_and_its_seed_range(policy_dir, tmp_p
 
 
 def test_bad_transport_flags_get_one_error_line(monkeypatch, capsys):
-    from lerobot_pirl.scripts.learner import main
+    from lerobot_pirl.scripts.learner import cli
 
     monkeypatch.setattr(
         sys, "argv", ["lerobot-pirl-learner", "--transport.num_actors=0", "--output_dir=/nonexistent"]
     )
-    assert main() == 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert exit_info.value.code == 2
     assert (
         capsys.readouterr().err.strip()
         == "lerobot-pirl-learner: error: --transport.num_actors must be >= 1, got 0"

@@ -33,10 +33,13 @@ def policy_dir(tmp_path_factory) -> Path:
 
 
 def run_main(monkeypatch, args: list[str]) -> int:
-    from lerobot_pirl.scripts.train import main
+    """The console script in-process; returns its exit status."""
+    from lerobot_pirl.scripts.train import cli
 
     monkeypatch.setattr(sys, "argv", ["lerobot-pirl-train", *args])
-    return main()
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    return exit_info.value.code
 
 
 def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(

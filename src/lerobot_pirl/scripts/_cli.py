@@ -1,9 +1,22 @@
-"""Shared CLI plumbing: every bad input ends as one `<program>: error: <reason>` line, exit status 2."""
+"""Shared CLI plumbing: logging, one `<program>: error: <reason>` line per bad input (exit status 2),
+and the end-of-training report."""
 
+import logging
 import sys
 from collections.abc import Callable
 
 from draccus.utils import ParsingError
+
+from lerobot_pirl.runtime.config import ConfigError
+
+
+def setup_logging(tag: str = "") -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(levelname)s %(asctime)s {tag + ' ' if tag else ''}%(message)s",
+        datefmt="%H:%M:%S",
+        force=True,  # an imported library may have configured the root logger already
+    )
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -12,11 +25,26 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def report_training(result) -> int:
+    """Print a TrainResult's `SFT x% → RL y%` line and checkpoint; exit status 1 if it stopped early."""
+    if result.checkpoint_dir is not None:
+        print(result.summary())
+        print(f"checkpoint: {result.checkpoint_dir}")
+    if result.stopped_by_error:
+        print(f"stopped: {result.stopped_by_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(main: Callable[[], int], program: str) -> None:
-    """Run a `@parser.wrap()` main; draccus reports a bad flag value (e.g. an unknown task, which the
-    env config rejects in `__post_init__`) as a ParsingError whose cause holds the real reason."""
+    """Run a `@parser.wrap()` main. Bad input ends as one error line: our ConfigErrors, and draccus'
+    ParsingError for a bad flag value (e.g. an unknown task, which the env config rejects in
+    `__post_init__`), whose cause holds the real reason."""
     try:
         status = main()
+    except ConfigError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        status = 2
     except ParsingError as error:
         print(f"{program}: error: {root_cause(error)}", file=sys.stderr)
         status = 2

@@ -9,13 +9,12 @@ Exits 0 when the learner finishes training, 1 when the learner stays unreachable
 No `from __future__ import annotations` here: LeRobot's parser reads the config class from `main`.
 """
 
-import logging
 import sys
 
 from lerobot.configs import parser
 
 from lerobot_pirl.runtime.distributed_config import DistributedTrainConfig
-from lerobot_pirl.scripts._cli import run
+from lerobot_pirl.scripts._cli import run, setup_logging
 
 
 def act(cfg: DistributedTrainConfig):
@@ -29,19 +28,10 @@ def act(cfg: DistributedTrainConfig):
 @parser.wrap()
 def main(cfg: DistributedTrainConfig) -> int:
     from lerobot_pirl.runtime.actor import LearnerLostError
-    from lerobot_pirl.runtime.config import ConfigError
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(levelname)s %(asctime)s actor{cfg.transport.actor_id} %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,  # an imported library may have configured the root logger already
-    )
+    setup_logging(f"actor{cfg.transport.actor_id}")
     try:
         result = act(cfg)
-    except ConfigError as error:
-        print(f"lerobot-pirl-actor: error: {error}", file=sys.stderr)
-        return 2
     except LearnerLostError as error:
         print(f"lerobot-pirl-actor: {error}", file=sys.stderr)
         return 1

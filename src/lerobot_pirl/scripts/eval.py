@@ -18,8 +18,6 @@ No `from __future__ import annotations`: LeRobot's parser reads the config class
 """
 
 import json
-import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +26,11 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
 
 from lerobot_pirl.runtime.config import (
-    ConfigError,
     EvalConfig,
     RolloutConfig,
     _default_env,
 )
-from lerobot_pirl.scripts._cli import run
+from lerobot_pirl.scripts._cli import run, setup_logging
 
 
 @dataclass
@@ -82,15 +79,9 @@ def evaluate_policy(cfg: EvalPipelineConfig):
 
 @parser.wrap()
 def main(cfg: EvalPipelineConfig) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
-    )
-    try:
-        cfg.validate()
-        results = evaluate_policy_per_task(cfg)
-    except (ConfigError, OSError) as error:
-        print(f"lerobot-pirl-eval: error: {error}", file=sys.stderr)
-        return 2
+    setup_logging()
+    cfg.validate()
+    results = evaluate_policy_per_task(cfg)
     if len(results.tasks) > 1:
         print(results.table())
     print(f"success {results.overall().summary()}")

@@ -9,14 +9,12 @@ No `from __future__ import annotations` here: LeRobot's parser reads the config 
 annotation of `main`, which must stay a real type.
 """
 
-import logging
 import os
-import sys
 
 from lerobot.configs import parser
 
 from lerobot_pirl.runtime.distributed_config import DistributedTrainConfig
-from lerobot_pirl.scripts._cli import run
+from lerobot_pirl.scripts._cli import report_training, run, setup_logging
 
 
 def learn(cfg: DistributedTrainConfig):
@@ -29,27 +27,9 @@ def learn(cfg: DistributedTrainConfig):
 
 @parser.wrap()
 def main(cfg: DistributedTrainConfig) -> int:
-    from lerobot_pirl.runtime.config import ConfigError
-
     rank = os.environ.get("RANK")
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(levelname)s %(asctime)s learner{'[' + rank + ']' if rank else ''} %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,  # an imported library may have configured the root logger already
-    )
-    try:
-        result = learn(cfg)
-    except ConfigError as error:
-        print(f"lerobot-pirl-learner: error: {error}", file=sys.stderr)
-        return 2
-    if result.checkpoint_dir is not None:
-        print(result.summary())
-        print(f"checkpoint: {result.checkpoint_dir}")
-    if result.stopped_by_error:
-        print(f"stopped: {result.stopped_by_error}", file=sys.stderr)
-        return 1
-    return 0
+    setup_logging(f"learner[{rank}]" if rank else "learner")
+    return report_training(learn(cfg))
 
 
 def cli() -> None:

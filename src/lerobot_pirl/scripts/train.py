@@ -4,12 +4,11 @@ No `from __future__ import annotations` here: LeRobot's parser reads the config 
 annotation of `main`, which must stay a real type."""
 
 import logging
-import sys
 
 from lerobot.configs import parser
 
 from lerobot_pirl.runtime.config import TrainConfig
-from lerobot_pirl.scripts._cli import run
+from lerobot_pirl.scripts._cli import report_training, run, setup_logging
 
 
 def train(cfg: TrainConfig):
@@ -29,22 +28,8 @@ def train(cfg: TrainConfig):
 
 @parser.wrap()
 def main(cfg: TrainConfig) -> int:
-    from lerobot_pirl.runtime.config import ConfigError
-
-    logging.basicConfig(
-        level=logging.INFO, format="%(levelname)s %(asctime)s %(message)s", datefmt="%H:%M:%S"
-    )
-    try:
-        result = train(cfg)
-    except ConfigError as error:
-        print(f"lerobot-pirl-train: error: {error}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    print(f"checkpoint: {result.checkpoint_dir}")
-    if result.stopped_by_error:
-        print(f"stopped: {result.stopped_by_error}", file=sys.stderr)
-        return 1
-    return 0
+    setup_logging()
+    return report_training(train(cfg))
 
 
 def cli() -> None:
