@@ -136,7 +136,7 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
     ppo = draccus.parse(_Wrapper, args=["--algorithm.type=ppo"]).algorithm
     reference = (ppo.clip_ratio, ppo.gamma, ppo.gae_lambda, ppo.critic_lr, ppo.noise_level)
     assert reference == (0.2, 0.99, 0.95, 1e-4, 0.5)
-    assert ppo.actor_lr_for("pi0") == 5e-6 and ppo.actor_lr_for("flow_mlp") == 3e-5  # reference vs small
+    assert ppo.actor_lr_for("pi0") == 5e-6 and ppo.actor_lr_for("flow_mlp") == 1e-5  # reference vs small
     assert PPOConfig(actor_lr=1e-3).actor_lr_for("pi0") == 1e-3
     with pytest.raises(ValueError):
         PPOConfig(exploration="flow_magic")

@@ -12,7 +12,7 @@ import draccus
 
 EXPLORATIONS = ("flow_sde", "flow_noise")
 REFERENCE_ACTOR_LR = 5e-6
-SMALL_POLICY_ACTOR_LR = 3e-5
+SMALL_POLICY_ACTOR_LR = 1e-5
 SMALL_POLICY_TYPES = ("flow_mlp",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -32,8 +32,8 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
 
     # Optimisation
     # None: the reference 5e-6 for the VLAs (~300 M trained parameters), SMALL_POLICY_ACTOR_LR for flow_mlp
-    # (at 5e-6 a 256-wide MLP barely moves in a CPU-scale run; at 1e-4 its approx-KL per update
-    # exceeds 1, measured on MetaWorld pick-place: BENCHMARKS.md).
+    # (measured on MetaWorld: at 3e-5 the approx-KL of one update already exceeds 1, because Adam moves
+    # every weight of the 256-wide MLP by ~lr against exploration stds of ~0.1; BENCHMARKS.md).
     actor_lr: float | None = None
     critic_lr: float = 1e-4
     weight_decay: float = 0.01
