@@ -172,6 +172,23 @@ def test_model_api_sizes_and_gradients_for_the_rl_layer():
     assert conv_grad is not None and conv_grad.abs().sum() > 0
 
 
+def test_normalised_state_is_clamped_so_an_unseen_state_cannot_blow_up_the_features():
+    torch.manual_seed(0)
+    model = FlowMLPPolicy(make_config(observation_clip=5.0)).model
+    state = torch.tensor([[300.0, -0.5, -300.0]])  # (B, S): a dim whose demo std was ~0, seen off-demo
+    clipped = torch.tensor([[5.0, -0.5, -5.0]])
+    assert torch.equal(
+        model.encode_observation({"observation.state": state}),
+        model.encode_observation({"observation.state": clipped}),
+    )
+    unclamped = FlowMLPPolicy(make_config(observation_clip=None)).model
+    unclamped.load_state_dict(model.state_dict())
+    assert not torch.allclose(
+        unclamped.encode_observation({"observation.state": state}),
+        model.encode_observation({"observation.state": state}),
+    )
+
+
 def test_select_action_executes_the_first_n_action_steps_then_resamples():
     torch.manual_seed(0)
     policy = FlowMLPPolicy(make_config(n_action_steps=3))
@@ -236,6 +253,7 @@ def test_save_and_load_reproduce_actions_and_processors_round_trip(tmp_path):
         ({"chunk_size": 4, "n_action_steps": 5}, "n_action_steps"),
         ({"n_obs_steps": 2}, "n_obs_steps"),
         ({"time_embed_dim": 31}, "time_embed_dim"),
+        ({"observation_clip": 0.0}, "observation_clip"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, message):

@@ -49,6 +49,11 @@ class FlowMLPConfig(PreTrainedConfig):
 
     # Observation encoder: MLP over [state, env_state, image features] -> (B, F).
     feature_dim: int = 256  # F
+    # Normalised state inputs are clamped to ±observation_clip. A few demos leave some dims almost constant
+    # (MetaWorld's object quaternion: std 0.004 over 3 demos), so an RL state that tips the object
+    # normalises to ~±300 and every Adam step on those input weights swings the actions (approx-KL 42 on
+    # the first update before this clamp). None disables it.
+    observation_clip: float | None = 5.0
     encoder_num_layers: int = 2  # linear layers of the encoder MLP
 
     # Velocity network: MLP over [features, flattened x_t, time embedding] -> v (B, H, A).
@@ -91,6 +96,8 @@ class FlowMLPConfig(PreTrainedConfig):
         for name in ("feature_dim", "encoder_num_layers", "hidden_dim", "num_layers", "image_feature_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.observation_clip is not None and self.observation_clip <= 0:
+            raise ValueError(f"observation_clip must be > 0 or None, got {self.observation_clip}.")
         if not self.image_conv_channels:
             raise ValueError("image_conv_channels must name at least one conv layer.")
         if min(self.time_sampling_beta_alpha, self.time_sampling_beta_beta, self.time_sampling_scale) <= 0:

@@ -71,6 +71,7 @@ class FlowMLPModel(nn.Module):
         self.feature_dim = config.feature_dim  # F
         self.hidden_dim = config.hidden_dim  # W
         self.time_embed_dim = config.time_embed_dim  # T
+        self.observation_clip = config.observation_clip
 
         # Vector observations, in a fixed order.
         self.vector_keys: list[str] = []
@@ -105,6 +106,8 @@ class FlowMLPModel(nn.Module):
     def encode_observation(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalised observation batch -> features (B, F) float32. Grad-enabled."""
         parts = [batch[key].to(torch.float32) for key in self.vector_keys]  # each (B, S_key)
+        if self.observation_clip is not None:
+            parts = [part.clamp(-self.observation_clip, self.observation_clip) for part in parts]
         if self.image_encoder is not None:
             parts.append(
                 self.image_encoder(batch[self.image_key].to(torch.float32))
