@@ -146,6 +146,11 @@ class FlowRLPolicy(nn.Module):
         for p in adapter.expert_parameters() if freeze_expert else []:
             p.requires_grad_(False)
 
+    @property
+    def policy_type(self) -> str | None:
+        """The wrapped LeRobot policy's registered type ("pi0", "flow_mlp", ...): picks per-type defaults."""
+        return getattr(getattr(self.adapter.policy, "config", None), "type", None)
+
     # ---- parameters -------------------------------------------------------------------------------
 
     def actor_parameters(self) -> list[nn.Parameter]:

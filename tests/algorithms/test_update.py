@@ -138,6 +138,8 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
     assert reference == (0.2, 0.99, 0.95, 1e-4, 0.5)
     assert ppo.actor_lr_for("pi0") == 5e-6 and ppo.actor_lr_for("flow_mlp") == 1e-5  # reference vs small
     assert PPOConfig(actor_lr=1e-3).actor_lr_for("pi0") == 1e-3
+    assert ppo.minibatch_size_for("pi0") == 2048 and ppo.minibatch_size_for("flow_mlp") == 400
+    assert PPOConfig(minibatch_size=64).minibatch_size_for("flow_mlp") == 64
     with pytest.raises(ValueError):
         PPOConfig(exploration="flow_magic")
     with pytest.raises(ValueError):

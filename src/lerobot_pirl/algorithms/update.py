@@ -82,8 +82,9 @@ class UpdateSamples:
 
 def make_optimizer(policy: FlowRLPolicy, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
     """AdamW with two parameter groups: actor (policy + noise head) and critic (value head)."""
-    policy_type = getattr(getattr(policy.adapter.policy, "config", None), "type", None)
-    groups = [{"params": policy.actor_parameters(), "lr": cfg.actor_lr_for(policy_type), "name": "actor"}]
+    groups = [
+        {"params": policy.actor_parameters(), "lr": cfg.actor_lr_for(policy.policy_type), "name": "actor"}
+    ]
     critic = policy.critic_parameters()
     if critic:
         groups.append({"params": critic, "lr": cfg.critic_lr, "name": "critic"})
@@ -145,7 +146,7 @@ def policy_update(
     samples = UpdateSamples(**{**samples.__dict__, "advantages": b_advantages})
     use_critic = cfg.uses_critic and policy.value_head is not None
     entropy_coef = cfg.entropy_coef if policy.exploration == "flow_noise" else 0.0
-    minibatch_size = min(cfg.minibatch_size, num_samples)
+    minibatch_size = min(cfg.minibatch_size_for(policy.policy_type), num_samples)
     micro_batch_size = min(cfg.micro_batch_size or minibatch_size, minibatch_size)
     actor_params = policy.actor_parameters()
     critic_params = policy.critic_parameters()

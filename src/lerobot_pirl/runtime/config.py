@@ -57,9 +57,11 @@ def _default_env() -> EnvConfig:
 
 @dataclass
 class RolloutConfig:
-    num_envs: int = 16  # parallel envs for training rollouts
+    num_envs: int = 32  # parallel envs for training rollouts
     use_async_envs: bool = False  # one process per env (worth it when one env step is slow, e.g. LIBERO)
-    decisions_per_env: int = 16  # PPO: action chunks per env per iteration (episodes carry over)
+    # PPO: action chunks per env per iteration (episodes carry over). 50 = one 200-step MetaWorld episode at
+    # C = 4, so an update sees ~32 outcomes; at 16 it saw ~5 and the sparse-reward gradient was mostly noise.
+    decisions_per_env: int = 50
     episodes_per_env: int = 1  # GRPO: whole episodes per env per iteration
     n_action_steps: int | None = None  # C, actions executed per decision; None = the policy's own
     num_inference_steps: int | None = None  # K, denoising steps (training AND eval); None = the policy's
@@ -114,7 +116,7 @@ class TrainConfig:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     wandb: WandBConfig = field(default_factory=WandBConfig)
 
-    iterations: int = 150  # rollout + update cycles
+    iterations: int = 80  # rollout + update cycles
     max_env_steps: int | None = None  # stop earlier once this many training env steps were taken
     max_minutes: float | None = None  # stop earlier after this much wall time (a checkpoint is saved)
     save_freq: int = 10  # iterations between checkpoints (the last one is always saved)
