@@ -136,10 +136,12 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
     ppo = draccus.parse(_Wrapper, args=["--algorithm.type=ppo"]).algorithm
     reference = (ppo.clip_ratio, ppo.gamma, ppo.gae_lambda, ppo.critic_lr, ppo.noise_level)
     assert reference == (0.2, 0.99, 0.95, 1e-4, 0.5)
-    assert ppo.actor_lr_for("pi0") == 5e-6 and ppo.actor_lr_for("flow_mlp") == 1e-5  # reference vs small
-    assert PPOConfig(actor_lr=1e-3).actor_lr_for("pi0") == 1e-3
-    assert ppo.minibatch_size_for("pi0") == 2048 and ppo.minibatch_size_for("flow_mlp") == 400
-    assert PPOConfig(minibatch_size=64).minibatch_size_for("flow_mlp") == 64
+    sizes = ("actor_lr", "minibatch_size", "update_epochs")
+    reference, small = ppo.resolved("pi0"), ppo.resolved("flow_mlp")
+    assert [getattr(reference, name) for name in sizes] == [5e-6, 2048, 4]  # REFERENCE.md §1
+    assert [getattr(small, name) for name in sizes] == [1e-5, 400, 10]
+    explicit = PPOConfig(actor_lr=1e-3, minibatch_size=64, update_epochs=2).resolved("flow_mlp")
+    assert [getattr(explicit, name) for name in sizes] == [1e-3, 64, 2]
     with pytest.raises(ValueError):
         PPOConfig(exploration="flow_magic")
     with pytest.raises(ValueError):

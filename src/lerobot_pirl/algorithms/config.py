@@ -1,22 +1,25 @@
 """Algorithm configs: `--algorithm.type=ppo|grpo`, `--algorithm.exploration=flow_sde|flow_noise`.
 
 Defaults are the reference recipe (REFERENCE.md §1: RLinf's πRL configs for π0 on LIBERO); the main
-job on the small flow_mlp policy overrides the learning rates.
+job's small flow_mlp policy gets its own learning rate and batch sizes (`AlgorithmConfig.resolved`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import draccus
 
 EXPLORATIONS = ("flow_sde", "flow_noise")
-REFERENCE_ACTOR_LR = 5e-6
-SMALL_POLICY_ACTOR_LR = 1e-5
-REFERENCE_MINIBATCH_SIZE = 2048
-# flow_mlp on MetaWorld collects ~1600 decisions per iteration (32 envs x 50): four minibatches of 400 give
-# 16 Adam steps per update at approx-KL ~0.01 (one minibatch of all of them learned 4x slower per env step).
-SMALL_POLICY_MINIBATCH_SIZE = 400
+# Values the config leaves as None, per policy size. The reference recipe (REFERENCE.md §1) is for the
+# VLAs (~300 M trained parameters). For the small flow_mlp, measured on MetaWorld pick-place
+# (BENCHMARKS.md): at actor lr 3e-5 approx-KL was ~0.04 per update with no faster learning than 1e-5;
+# with ~1600 decisions per iteration (32 envs x 50), minibatches of 400 give several Adam steps per
+# update; 10 epochs kept approx-KL ~0.02 and learned faster per env step than 4 (34-40% vs 26-34%
+# eval success after ~300k steps), and updates cost ~5% of an iteration.
+REFERENCE_DEFAULTS = {"actor_lr": 5e-6, "minibatch_size": 2048, "update_epochs": 4}
+SMALL_POLICY_DEFAULTS = {"actor_lr": 1e-5, "minibatch_size": 400, "update_epochs": 10}
 SMALL_POLICY_TYPES = ("flow_mlp",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -34,10 +37,8 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     gamma: float = 0.99  # per decision (chunk)
     gae_lambda: float = 0.95
 
-    # Optimisation
-    # None: the reference 5e-6 for the VLAs (~300 M trained parameters), SMALL_POLICY_ACTOR_LR for flow_mlp
-    # (measured on MetaWorld: at 3e-5 the approx-KL of one update already exceeds 1, because Adam moves
-    # every weight of the 256-wide MLP by ~lr against exploration stds of ~0.1; BENCHMARKS.md).
+    # Optimisation. actor_lr, update_epochs and minibatch_size (decisions per optimiser step): None takes
+    # REFERENCE_DEFAULTS for the VLAs and SMALL_POLICY_DEFAULTS for flow_mlp (see `resolved`).
     actor_lr: float | None = None
     critic_lr: float = 1e-4
     weight_decay: float = 0.01
@@ -45,9 +46,7 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
-    update_epochs: int = 4
-    # Decisions per optimiser step; None: the reference's global batch (2048) for the VLAs,
-    # SMALL_POLICY_MINIBATCH_SIZE for flow_mlp.
+    update_epochs: int | None = None
     minibatch_size: int | None = None
     micro_batch_size: int | None = 128  # decisions per forward/backward (gradient accumulation); None = all
     clip_ratio: float = 0.2
@@ -71,15 +70,11 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     def uses_critic(self) -> bool:
         return True
 
-    def actor_lr_for(self, policy_type: str | None) -> float:
-        if self.actor_lr is not None:
-            return self.actor_lr
-        return SMALL_POLICY_ACTOR_LR if policy_type in SMALL_POLICY_TYPES else REFERENCE_ACTOR_LR
-
-    def minibatch_size_for(self, policy_type: str | None) -> int:
-        if self.minibatch_size is not None:
-            return self.minibatch_size
-        return SMALL_POLICY_MINIBATCH_SIZE if policy_type in SMALL_POLICY_TYPES else REFERENCE_MINIBATCH_SIZE
+    def resolved(self, policy_type: str | None) -> AlgorithmConfig:
+        """This config with every None size/rate filled in for the policy type ("pi0", "flow_mlp", ...)."""
+        defaults = SMALL_POLICY_DEFAULTS if policy_type in SMALL_POLICY_TYPES else REFERENCE_DEFAULTS
+        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        return dataclasses.replace(self, **unset) if unset else self
 
     def __post_init__(self):
         if self.exploration not in EXPLORATIONS:
@@ -94,7 +89,7 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
             raise ValueError("need 0 < noise_std_min <= noise_std_max")
         if any(size is not None and size < 1 for size in (self.minibatch_size, self.micro_batch_size)):
             raise ValueError("minibatch_size and micro_batch_size must be >= 1")
-        if self.update_epochs < 1:
+        if self.update_epochs is not None and self.update_epochs < 1:
             raise ValueError("update_epochs must be >= 1")
 
 

@@ -82,9 +82,8 @@ class UpdateSamples:
 
 def make_optimizer(policy: FlowRLPolicy, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
     """AdamW with two parameter groups: actor (policy + noise head) and critic (value head)."""
-    groups = [
-        {"params": policy.actor_parameters(), "lr": cfg.actor_lr_for(policy.policy_type), "name": "actor"}
-    ]
+    cfg = cfg.resolved(policy.policy_type)
+    groups = [{"params": policy.actor_parameters(), "lr": cfg.actor_lr, "name": "actor"}]
     critic = policy.critic_parameters()
     if critic:
         groups.append({"params": critic, "lr": cfg.critic_lr, "name": "critic"})
@@ -137,6 +136,7 @@ def policy_update(
 
     Returns the mean diagnostics of the update. Raises NonFiniteLossError on NaN/inf.
     """
+    cfg = cfg.resolved(policy.policy_type)
     num_samples = len(samples)
     if num_samples == 0:
         return {"losses/num_samples": 0.0}
@@ -146,7 +146,7 @@ def policy_update(
     samples = UpdateSamples(**{**samples.__dict__, "advantages": b_advantages})
     use_critic = cfg.uses_critic and policy.value_head is not None
     entropy_coef = cfg.entropy_coef if policy.exploration == "flow_noise" else 0.0
-    minibatch_size = min(cfg.minibatch_size_for(policy.policy_type), num_samples)
+    minibatch_size = min(cfg.minibatch_size, num_samples)
     micro_batch_size = min(cfg.micro_batch_size or minibatch_size, minibatch_size)
     actor_params = policy.actor_parameters()
     critic_params = policy.critic_parameters()

@@ -224,7 +224,7 @@ def distributed_policy_update(
     config and generator seed."""
     samples, cfg = normalize_advantages_globally(samples, cfg)
     shard = shard_samples(samples, ctx, generator)
-    global_minibatch = cfg.minibatch_size_for(policy.policy_type)
-    local_cfg = dataclasses.replace(cfg, minibatch_size=max(1, global_minibatch // ctx.world_size))
+    cfg = cfg.resolved(policy.policy_type)
+    local_cfg = dataclasses.replace(cfg, minibatch_size=max(1, cfg.minibatch_size // ctx.world_size))
     metrics = policy_update(policy, optimizer, shard, local_cfg, device, generator)
     return average_metrics(metrics, ctx, device)
