@@ -106,3 +106,18 @@ def test_eval_cli_writes_overall_and_per_task_results(tmp_path, monkeypatch, cap
     assert info["per_suite"]["metaworld_state"]["successes"] == info["successes"]
     assert info["per_task"][0]["mean_length"] == info["mean_length"] <= 12
     assert f"({info['n_episodes']} episodes)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("policy_args", "expected"),
+    [([], "needs --policy.path"), (["--policy.path=/no/such/folder"], "no such folder")],
+)
+def test_eval_cli_refuses_a_missing_policy_with_one_error_line(monkeypatch, capsys, policy_args, expected):
+    from lerobot_pirl.scripts.eval import cli
+
+    monkeypatch.setattr(sys, "argv", ["lerobot-pirl-eval", *policy_args, "--env.type=metaworld_state"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0]

@@ -142,9 +142,8 @@ def _bootstrap_locked(env_cfg, cfg, seed: int, root: Path, recipe: dict) -> Path
     if root.exists():  # an interrupted earlier bootstrap
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    from lerobot_pirl.rollout.scripted_demos import (
-        record_metaworld_demos,
-    )  # needs `datasets`; cache hits don't
+    # Imported here: recording needs the `datasets` package, a cache hit does not.
+    from lerobot_pirl.rollout.scripted_demos import record_metaworld_demos
 
     dataset = record_metaworld_demos(
         env_cfg.task,

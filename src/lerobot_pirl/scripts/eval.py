@@ -26,9 +26,11 @@ from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
 
 from lerobot_pirl.runtime.config import (
+    ConfigError,
     EvalConfig,
     RolloutConfig,
     _default_env,
+    load_policy_config,
 )
 from lerobot_pirl.scripts._cli import run, setup_logging
 
@@ -45,11 +47,8 @@ class EvalPipelineConfig:
     def validate(self) -> None:
         policy_path = parser.get_path_arg("policy")
         if not policy_path:
-            raise ValueError("lerobot-pirl-eval needs --policy.path=<checkpoint folder or hub id>")
-        self.policy = PreTrainedConfig.from_pretrained(
-            policy_path, cli_overrides=parser.get_cli_overrides("policy")
-        )
-        self.policy.pretrained_path = Path(policy_path)
+            raise ConfigError("lerobot-pirl-eval needs --policy.path=<checkpoint folder or hub id>")
+        self.policy = load_policy_config(policy_path, parser.get_cli_overrides("policy"))
 
     @classmethod
     def __get_path_fields__(cls) -> list[str]:
