@@ -296,6 +296,9 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
     policy_dir, tmp_path
 ):
     output_dir, port = tmp_path / "run", free_port()
+    # Enough versions that the learner is still mid-run when step 3 below picks the version to kill it at
+    # (with 8, a slow rejoin on a loaded box let the run finish first).
+    iterations = 16
     common = [
         f"--policy.path={policy_dir}",
         "--env.type=metaworld_state",
@@ -313,7 +316,7 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
     learner_args = [
         *common,
         f"--output_dir={output_dir}",
-        "--iterations=8",
+        f"--iterations={iterations}",
         "--save_freq=1",
         "--eval.freq=0",
         "--eval.n_episodes=2",
@@ -358,6 +361,7 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
         # 3. Kill the learner once version j is checkpointed and being collected; the actors keep
         # retrying; a resumed learner finishes the run.
         j = rows(output_dir)[-1]["iteration"]
+        assert j < iterations, "the run ended before the learner could be killed mid-run"
         wait_for(
             lambda: (
                 (output_dir / f"checkpoints/{j:06d}").exists()
@@ -386,12 +390,13 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
                 process.join(10)
 
     final = rows(output_dir)
-    assert [r["iteration"] for r in final] == list(range(9))  # each iteration exactly once, none lost
+    # Each iteration exactly once, none lost.
+    assert [r["iteration"] for r in final] == list(range(iterations + 1))
     resumed_at = int(re.search(r"resumed from .* at iteration (\d+)", read(logs["learner2"])).group(1))
     assert resumed_at >= 3 and final[: resumed_at + 1] == killed_rows[: resumed_at + 1]
     steps = [r["env_steps"] for r in final]
     assert all(later > earlier for earlier, later in zip(steps, steps[1:], strict=False))
-    assert (output_dir / "checkpoints/000008/pretrained_model/model.safetensors").exists()
+    assert (output_dir / f"checkpoints/{iterations:06d}/pretrained_model/model.safetensors").exists()
     # The resumed learner hands out the same seed ranges for a version as the killed one did.
     seen: dict[int, set[int]] = {}
     for version, start in re.findall(
