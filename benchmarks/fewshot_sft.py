@@ -3,7 +3,7 @@
 Used to choose the main job's default task and demo count (the few-shot band is 10-70% success, like the
 πRL paper's starting points). Prints a table and writes JSON.
 
-    python benchmarks/fewshot_sft.py --tasks push-v3 door-open-v3 --demos 5 10 --episodes 50
+    python benchmarks/fewshot_sft.py --tasks push-v3 pick-place-v3 --demos 10 20 --action-noise 0.5
 """
 
 import argparse
@@ -16,17 +16,19 @@ from lerobot.envs.configs import EnvConfig
 
 import lerobot_pirl.envs  # noqa: F401
 from lerobot_pirl.runtime.bootstrap import bootstrap_flow_policy
-from lerobot_pirl.runtime.config import BootstrapConfig, EvalConfig, RolloutConfig
+from lerobot_pirl.runtime.config import DEFAULT_EPISODE_LENGTH, BootstrapConfig, EvalConfig, RolloutConfig
 from lerobot_pirl.scripts.eval import EvalPipelineConfig, evaluate_policy
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["push-v3", "pick-place-v3", "door-open-v3"])
-    parser.add_argument("--demos", nargs="+", type=int, default=[5, 10])
-    parser.add_argument("--action-noise", type=float, default=0.1)
-    parser.add_argument("--sft-steps", type=int, default=3000)
+    defaults = BootstrapConfig()
+    parser.add_argument("--demos", nargs="+", type=int, default=[defaults.num_demos])
+    parser.add_argument("--action-noise", type=float, default=defaults.action_noise)
+    parser.add_argument("--sft-steps", type=int, default=defaults.sft_steps)
     parser.add_argument("--episodes", type=int, default=50)
+    parser.add_argument("--episode-length", type=int, default=DEFAULT_EPISODE_LENGTH, help="episode steps")
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--cache-dir", default="~/.cache/lerobot_pirl/bootstrap")
     parser.add_argument("--out", default="benchmarks/results/fewshot_sft.json")
@@ -38,7 +40,7 @@ def main() -> None:
     for task in args.tasks:
         for demos in args.demos:
             start = time.perf_counter()
-            env = EnvConfig.get_choice_class("metaworld_state")(task=task)
+            env = EnvConfig.get_choice_class("metaworld_state")(task=task, episode_length=args.episode_length)
             bootstrap = BootstrapConfig(
                 num_demos=demos,
                 action_noise=args.action_noise,

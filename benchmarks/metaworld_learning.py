@@ -2,8 +2,9 @@
 
 Each run is one `lerobot-pirl-train` process (one torch thread) from the task's cached few-shot flow_mlp,
 stopped after `--minutes` of wall time; the SFT baseline is the trainer's own first evaluation (same
-protocol, same episodes). Runs go `--parallel` at a time, so on a 2-core machine use --parallel=2 and
-read the time budget per run as "on one core". Prints a table, writes JSON and a plot.
+protocol, same episodes). Runs go `--parallel` at a time, so on a 2-core machine with --parallel=3 each
+run has 2/3 of a core for its `--minutes`. Prints a table, writes JSON and a plot; results.json keeps the
+rows of earlier invocations for the (task, method) pairs not run again.
 
     python benchmarks/metaworld_learning.py --tasks pick-place-v3 push-v3 --minutes 30 --parallel 2 \\
         --extra="--env.episode_length=200"
@@ -91,7 +92,7 @@ def main() -> None:
         "--tasks", nargs="+", default=["button-press-topdown-v3", "push-v3", "pick-place-v3", "door-open-v3"]
     )
     parser.add_argument(
-        "--demos", type=int, nargs="+", default=None, help="demos per task (default: each task's 3)"
+        "--demos", type=int, nargs="+", default=None, help="demos per task (default: the main job's)"
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--minutes", type=float, default=30.0)
@@ -107,7 +108,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    demos = args.demos or [3] * len(args.tasks)
+    from lerobot_pirl.runtime.config import BootstrapConfig
+
+    demos = args.demos or [BootstrapConfig().num_demos] * len(args.tasks)
     policies = {
         task: bootstrap(task, n, args.seed, args.cache_dir) for task, n in zip(args.tasks, demos, strict=True)
     }
@@ -118,6 +121,13 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [(task, method) for task in args.tasks for method in args.methods]
+    # results.json accumulates over invocations (e.g. the default method at a longer budget first): rows of
+    # (task, method) pairs not run now are kept, the others replaced.
+    results_path = out_dir / "results.json"
+    kept = []
+    if results_path.exists():
+        previous = json.loads(results_path.read_text())["results"]
+        kept = [r for r in previous if (r["task"], r["method"]) not in runs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     pending, running, results = list(runs), [], []
     while pending or running:
@@ -156,6 +166,8 @@ def main() -> None:
                 "task": task,
                 "method": method,
                 "demos": demos[args.tasks.index(task)],
+                "minutes": args.minutes,
+                "parallel": args.parallel,
                 "returncode": process.returncode,
             }
             try:
@@ -165,8 +177,9 @@ def main() -> None:
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
 
-    header = ("task", "method", "SFT", "final", "95% CI", "best", "steps@best", "min@best")
-    print("\n{:24s} {:15s} {:>5s} {:>6s} {:>12s} {:>5s} {:>10s} {:>8s}".format(*header))
+    results = kept + results
+    header = ("task", "method", "SFT", "final", "95% CI", "best", "steps@best", "min@best", "budget")
+    print("\n{:24s} {:15s} {:>5s} {:>6s} {:>12s} {:>5s} {:>10s} {:>8s} {:>12s}".format(*header))
     for r in results:
         if "error" in r:
             print(f"{r['task']:24s} {r['method']:15s} error: {r['error']}")
@@ -175,10 +188,11 @@ def main() -> None:
         sft, final, best = (100 * r[k] for k in ("sft_success", "final_success", "best_success"))
         print(
             f"{r['task']:24s} {r['method']:15s} {sft:4.0f}% {final:5.0f}% {ci:>12s} {best:4.0f}% "
-            f"{r['best_env_steps']:10d} {r['best_time_s'] / 60:8.1f}"
+            f"{r['best_env_steps']:10d} {r['best_time_s'] / 60:8.1f} "
+            f"{r.get('minutes', 0):4.0f} min / {r.get('parallel', 1)}"
         )
     meta = {"machine": platform.node(), "cpus": os.cpu_count(), "args": vars(args)}
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    results_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     plot(results, out_dir / "learning_curves.png")
 
 

@@ -139,7 +139,7 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
     sizes = ("actor_lr", "minibatch_size", "update_epochs")
     reference, small = ppo.resolved("pi0"), ppo.resolved("flow_mlp")
     assert [getattr(reference, name) for name in sizes] == [5e-6, 2048, 4]  # REFERENCE.md §1
-    assert [getattr(small, name) for name in sizes] == [1e-5, 400, 10]
+    assert [getattr(small, name) for name in sizes] == [3e-5, 400, 10]
     explicit = PPOConfig(actor_lr=1e-3, minibatch_size=64, update_epochs=2).resolved("flow_mlp")
     assert [getattr(explicit, name) for name in sizes] == [1e-3, 64, 2]
     with pytest.raises(ValueError):

@@ -14,12 +14,13 @@ import draccus
 EXPLORATIONS = ("flow_sde", "flow_noise")
 # Values the config leaves as None, per policy size. The reference recipe (REFERENCE.md §1) is for the
 # VLAs (~300 M trained parameters). For the small flow_mlp, measured on MetaWorld pick-place
-# (BENCHMARKS.md): at actor lr 3e-5 approx-KL was ~0.04 per update with no faster learning than 1e-5;
-# with ~1600 decisions per iteration (32 envs x 50), minibatches of 400 give several Adam steps per
-# update; 10 epochs kept approx-KL ~0.02 and learned faster per env step than 4 (34-40% vs 26-34%
-# eval success after ~300k steps), and updates cost ~5% of an iteration.
+# (BENCHMARKS.md): with ~1600 decisions per iteration (32 envs x 50), minibatches of 400 give several
+# Adam steps per update; 10 epochs learned faster per env step than 4 (34-40% vs 26-34% eval success
+# after ~300k steps), and updates cost ~5% of an iteration. From the default bootstrap, actor lr 3e-5
+# (approx-KL ~0.02 per update) reached 84-96% eval success at 220-320k env steps where 1e-5
+# (approx-KL ~0.008) was at 72-80%.
 REFERENCE_DEFAULTS = {"actor_lr": 5e-6, "minibatch_size": 2048, "update_epochs": 4}
-SMALL_POLICY_DEFAULTS = {"actor_lr": 1e-5, "minibatch_size": 400, "update_epochs": 10}
+SMALL_POLICY_DEFAULTS = {"actor_lr": 3e-5, "minibatch_size": 400, "update_epochs": 10}
 SMALL_POLICY_TYPES = ("flow_mlp",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
