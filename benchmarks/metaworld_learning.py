@@ -76,7 +76,8 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, task in zip(axes[0], tasks, strict=True):
         for r in (r for r in results if r["task"] == task and "curve" in r):
             steps, success = zip(*r["curve"], strict=True)
-            ax.plot(steps, [100 * s for s in success], marker=".", label=r["method"])
+            color = f"C{list(METHODS).index(r['method'])}"  # one colour per method in every panel
+            ax.plot(steps, [100 * s for s in success], marker=".", color=color, label=r["method"])
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.set_ylabel("deterministic eval success (%)")
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument(
         "--extra", default="", help='flags for every run, one string: "--env.episode_length=200"'
     )
+    parser.add_argument(
+        "--skip_existing", action="store_true", help="skip (task, method) pairs already in results.json"
+    )
     parser.add_argument("--bootstrap-only", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -127,6 +131,8 @@ def main() -> None:
     kept = []
     if results_path.exists():
         previous = json.loads(results_path.read_text())["results"]
+        if args.skip_existing:
+            runs = [run for run in runs if run not in {(r["task"], r["method"]) for r in previous}]
         kept = [r for r in previous if (r["task"], r["method"]) not in runs]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     pending, running, results = list(runs), [], []

@@ -268,3 +268,18 @@ def test_push_to_hub_uploads_the_final_checkpoint(monkeypatch, tmp_path, policy_
         "train_config.json",
     ):
         assert name in calls["files"]
+
+
+def test_dense_reward_ending_at_success_is_warned_about(monkeypatch, caplog, tmp_path):
+    from lerobot_pirl.runtime.config import RolloutConfig, TrainConfig
+
+    monkeypatch.setattr(sys, "argv", ["lerobot-pirl-train"])
+    warning = "--rollout.sparse_reward=false with --rollout.end_on_success=true"
+    for end_on_success, warned in ((True, True), (False, False)):
+        caplog.clear()
+        rollout = RolloutConfig(sparse_reward=False, end_on_success=end_on_success)
+        TrainConfig(rollout=rollout, output_dir=tmp_path).validate()
+        assert (warning in caplog.text) is warned
+    caplog.clear()
+    TrainConfig(output_dir=tmp_path).validate()  # the sparse default
+    assert warning not in caplog.text

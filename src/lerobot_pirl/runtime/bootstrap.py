@@ -2,8 +2,9 @@
 
 πRL starts from a supervised policy that succeeds sometimes (the paper's few-shot SFT baselines sit at
 40-77%; REFERENCE.md §3: runs starting below ~5% noisy success never took off). Without
-`--policy.path`, `lerobot-pirl-train` records a few imperfect expert demos of the task and trains a
-flow_mlp on them with LeRobot's flow-matching loss, once; later runs reuse the cached checkpoint.
+`--policy.path`, `lerobot-pirl-train` records imperfect expert demos of the task (by default 20, with
+action noise 0.5: `BootstrapConfig`) and trains a flow_mlp on them with LeRobot's flow-matching loss,
+once; later runs reuse the cached checkpoint.
 """
 
 from __future__ import annotations
