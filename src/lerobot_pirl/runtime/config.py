@@ -26,7 +26,7 @@ from lerobot_pirl.algorithms.config import AlgorithmConfig, PPOConfig
 logger = logging.getLogger(__name__)
 
 # The main job: pick-place from the default bootstrap (20 demos with action noise 0.5) starts at 56-60%
-# deterministic success, inside the paper's few-shot band (benchmarks/results/fewshot_sft.json).
+# deterministic success, inside the paper's few-shot band (benchmarks/results/fewshot_sft_200steps.json).
 DEFAULT_TASK = "pick-place-v3"
 DEFAULT_EPISODE_LENGTH = 200  # the expert needs ~50 steps; failed episodes stop wasting 300 more
 
@@ -106,8 +106,8 @@ class BootstrapConfig:
     # with noise 0.1 the policy is confidently wrong on most initial states (in GRPO groups sharing an
     # initial state, 16% of groups had mixed outcomes where independent ones would give 68%), and sparse-
     # reward RL only learns where outcomes are mixed; it gained +20 points on pick-place and +10 on push
-    # in 12 minutes. From 20 demos with noise 0.5 the SFT policy is as good on average (56-60% on
-    # pick-place, 40-58% on push) but uncertain across all initial states, and RL gained +28 and +46.
+    # in 12 minutes. From 20 demos with noise 0.5 the SFT policy starts at 56-60% on pick-place and 40-58%
+    # on push, its outcomes are mixed in 55-70% of groups, and RL gained +28 and +48 in 12 minutes.
     num_demos: int = 20
     action_noise: float = 0.5  # std of the Gaussian noise on every recorded expert action (in [-1, 1])
     sft_steps: int = 2000
