@@ -23,7 +23,7 @@ from lerobot.envs.utils import close_envs
 import lerobot_pirl.envs  # noqa: F401
 from lerobot_pirl.algorithms.config import PPOConfig
 from lerobot_pirl.runtime.config import RolloutConfig, TrainConfig
-from lerobot_pirl.runtime.trainer import build_collector, build_rl_policy
+from lerobot_pirl.runtime.factory import build_collector, build_rl_policy
 from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
 
 

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-from lerobot_pirl.rollout.batch import RolloutBatch
-from lerobot_pirl.runtime.distributed_config import TransportConfig
-from lerobot_pirl.runtime.payloads import MIB, ParametersMessage, RolloutMessage, RolloutSpec
-from lerobot_pirl.runtime.transport import (
+from lerobot_pirl.distributed.config import TransportConfig
+from lerobot_pirl.distributed.payloads import MIB, ParametersMessage, RolloutMessage, RolloutSpec
+from lerobot_pirl.distributed.transport import (
     LearnerClient,
     LearnerServicer,
     ParameterBoard,
@@ -43,6 +42,7 @@ from lerobot_pirl.runtime.transport import (
     RolloutBoard,
     start_learner_server,
 )
+from lerobot_pirl.rollout.batch import RolloutBatch
 from lerobot_pirl.testing.processes import free_port, start_cli
 from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
 

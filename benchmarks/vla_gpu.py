@@ -40,7 +40,8 @@ from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LAN
 
 from lerobot_pirl.adapters.registry import make_adapter
 from lerobot_pirl.algorithms.config import PPOConfig
-from lerobot_pirl.algorithms.update import UpdateSamples, make_optimizer, policy_update
+from lerobot_pirl.algorithms.samples import UpdateSamples
+from lerobot_pirl.algorithms.update import make_optimizer, policy_update
 from lerobot_pirl.rl_policy import FlowRLPolicy
 
 PRECISIONS = ("float32", "bfloat16", "mixed")
@@ -171,9 +172,9 @@ def make_rl_policies(cfg: VLAGPUConfig, policy, variant: str) -> tuple[dict[str,
                 param.data = param.data.float()
                 upcast.append(param)
     rl_policies = {
-        exploration: FlowRLPolicy(adapter, exploration=exploration, n_action_steps=cfg.n_action_steps).to(
-            cfg.device
-        )
+        exploration: FlowRLPolicy(
+            adapter, **PPOConfig(exploration=exploration).policy_settings(), n_action_steps=cfg.n_action_steps
+        ).to(cfg.device)
         for exploration in cfg.explorations
     }
     return rl_policies, upcast
@@ -250,7 +251,7 @@ def measure_update(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSa
         update_epochs=1,
         minibatch_size=len(samples),
         micro_batch_size=micro,
-    )
+    ).resolved(rl_policy.policy_type)
     optimizer = make_optimizer(rl_policy, algorithm)
     update = functools.partial(policy_update, rl_policy, optimizer, samples, algorithm, cfg.device)
     try:
@@ -277,7 +278,7 @@ def measure_updates_interleaved(
             update_epochs=1,
             minibatch_size=len(samples[exploration]),
             micro_batch_size=micro,
-        )
+        ).resolved(rl_policy.policy_type)
         optimizers.append(make_optimizer(rl_policy, algorithm))
         updates[exploration] = functools.partial(
             policy_update, rl_policy, optimizers[-1], samples[exploration], algorithm, cfg.device

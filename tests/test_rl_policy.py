@@ -2,9 +2,10 @@ import pytest
 import torch
 from torch.distributions import Normal
 
+from lerobot_pirl.algorithms.config import PPOConfig
 from lerobot_pirl.exploration import ode_step, sde_step, time_grid
 from lerobot_pirl.rl_policy import FlowRLPolicy
-from lerobot_pirl.testing.toy_adapter import ToyFlowAdapter
+from lerobot_pirl.testing.toy_adapter import toy_rl_policy
 
 BATCH = 16
 
@@ -14,7 +15,7 @@ def observations(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def make_policy(exploration: str, **kwargs) -> FlowRLPolicy:
-    return FlowRLPolicy(ToyFlowAdapter(), exploration=exploration, **kwargs)
+    return toy_rl_policy(exploration, **kwargs)
 
 
 def test_ode_sample_is_euler_over_the_adapter_velocity():
@@ -143,9 +144,9 @@ def test_heads_round_trip_through_their_state_dict():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # the settings are the algorithm config's, validated there
         make_policy("flow_magic")
     with pytest.raises(ValueError):
-        make_policy("flow_sde", noise_std_min=0.2, noise_std_max=0.1)
+        PPOConfig(noise_std_min=0.2, noise_std_max=0.1)
     with pytest.raises(ValueError):
         make_policy("flow_sde").sample(observations(), "flow_noise")

@@ -37,7 +37,6 @@ from lerobot_pirl.exploration import (
 
 SampleMode = Literal["ode", "flow_sde", "flow_noise"]
 EXPLORATION_MODES = ("flow_sde", "flow_noise")
-VALUE_FEATURES = ("prefix", "expert")
 
 
 @dataclass
@@ -69,6 +68,8 @@ def _mlp(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
 class FlowRLPolicy(nn.Module):
     """Adapter + exploration + value/noise heads.
 
+    The settings come from the algorithm config (`AlgorithmConfig.policy_settings()`, validated there).
+
     Args:
         adapter: the wrapped LeRobot policy.
         exploration: "flow_sde" or "flow_noise", the stochastic mode used for rollouts and updates.
@@ -87,27 +88,19 @@ class FlowRLPolicy(nn.Module):
         self,
         adapter: FlowAdapter,
         *,
-        exploration: str = "flow_sde",
-        noise_level: float = 0.5,
-        noise_std_min: float = 0.08,
-        noise_std_max: float = 0.16,
+        exploration: str,
+        noise_level: float,
+        noise_std_min: float,
+        noise_std_max: float,
+        n_action_steps: int | None,
+        value_head_hidden: tuple[int, ...] | None,
+        value_features: str,
+        detach_value_input: bool,
         noise_head_hidden: tuple[int, ...] = (128, 64),
-        n_action_steps: int | None = None,
-        value_head_hidden: tuple[int, ...] | None = (256, 256),
-        value_features: str = "prefix",
-        detach_value_input: bool = True,
         freeze_trunk: bool = False,
         freeze_expert: bool = False,
     ):
         super().__init__()
-        if exploration not in EXPLORATION_MODES:
-            raise ValueError(f"exploration must be one of {EXPLORATION_MODES}, got {exploration!r}")
-        if value_features not in VALUE_FEATURES:
-            raise ValueError(f"value_features must be one of {VALUE_FEATURES}, got {value_features!r}")
-        if not 0.0 < noise_std_min <= noise_std_max:
-            raise ValueError(f"need 0 < noise_std_min <= noise_std_max, got {noise_std_min}, {noise_std_max}")
-        if noise_level < 0:
-            raise ValueError(f"noise_level must be >= 0, got {noise_level}")
         self.adapter = adapter
         self.exploration = exploration
         self.noise_level = noise_level

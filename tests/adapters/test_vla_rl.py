@@ -22,11 +22,13 @@ from lerobot.utils.constants import OBS_IMAGE, OBS_LANGUAGE_ATTENTION_MASK, OBS_
 from lerobot_pirl.adapters.registry import load_flow_policy
 from lerobot_pirl.algorithms.config import PPOConfig
 from lerobot_pirl.algorithms.losses import clipped_surrogate_loss, value_loss
-from lerobot_pirl.algorithms.update import UpdateSamples, make_lr_scheduler, make_optimizer, policy_update
+from lerobot_pirl.algorithms.samples import UpdateSamples
+from lerobot_pirl.algorithms.update import make_lr_scheduler, make_optimizer, policy_update
 from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.runtime.checkpoint import TrainerState, save_checkpoint
 from lerobot_pirl.runtime.config import PolicyOptionsConfig, RolloutConfig, TrainConfig
-from lerobot_pirl.runtime.trainer import build_collector, build_rl_policy, collect_update_samples
+from lerobot_pirl.runtime.factory import build_collector, build_rl_policy
+from lerobot_pirl.testing.collection import collect_samples
 from lerobot_pirl.testing.tiny_models import (
     make_tiny_features,
     make_tiny_observation,
@@ -214,7 +216,7 @@ def metaworld_iteration(checkpoint):
     )
     try:
         assert collector.tasks == [TASK_TEXT]
-        samples, batches, _ = collect_update_samples(cfg, collector)
+        samples, batches, _ = collect_samples(cfg, collector)
     finally:
         close_envs(envs)
     optimizer = make_optimizer(policy, cfg.algorithm)
@@ -255,7 +257,7 @@ def test_one_ppo_iteration_on_lerobot_metaworld_pixels_trains_the_expert(checkpo
 
     metrics = run["metrics"]
     assert abs(metrics["policy/ratio_max"] - 1.0) <= 1e-5  # first minibatch of the first epoch: ratio 1
-    assert metrics["losses/num_samples"] == decisions
+    assert metrics["update/num_samples"] == decisions
     before = run["before"]
     trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
     moved = {name for name, p in policy.named_parameters() if not torch.equal(p.detach(), before[name])}

@@ -10,9 +10,15 @@ from lerobot_pirl.algorithms.ppo import ppo_samples
 from lerobot_pirl.algorithms.update import NonFiniteLossError, make_optimizer, policy_update
 from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.rollout.batch import RolloutBatch
-from lerobot_pirl.testing.toy_adapter import ToyFlowAdapter
+from lerobot_pirl.testing.toy_adapter import toy_rl_policy
 
 T, N = 3, 4
+
+
+def update(policy: FlowRLPolicy, samples, cfg: AlgorithmConfig) -> dict[str, float]:
+    """policy_update with the config resolved for the policy's type, as the trainer's builder does."""
+    cfg = cfg.resolved(policy.policy_type)
+    return policy_update(policy, make_optimizer(policy, cfg), samples, cfg, "cpu")
 
 
 def toy_rollout(policy: FlowRLPolicy, rewards: torch.Tensor, seed: int = 0) -> RolloutBatch:
@@ -52,23 +58,23 @@ def sparse_rewards() -> torch.Tensor:
 @pytest.mark.parametrize("exploration", ["flow_sde", "flow_noise"])
 def test_first_minibatch_ratio_is_one(exploration):
     cfg = PPOConfig(exploration=exploration, update_epochs=1, minibatch_size=T * N, micro_batch_size=None)
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration=exploration)
+    policy = toy_rl_policy(exploration)
     batch = toy_rollout(policy, sparse_rewards())
-    metrics = policy_update(policy, make_optimizer(policy, cfg), ppo_samples(batch, cfg), cfg, "cpu")
+    metrics = update(policy, ppo_samples(batch, cfg), cfg)
     # One minibatch, one epoch: every ratio was measured before the optimiser step.
     assert metrics["losses/approx_kl"] < 1e-10
     assert metrics["losses/clipfrac"] == 0.0
     assert abs(metrics["policy/ratio_max"] - 1.0) < 1e-5
-    assert metrics["losses/num_samples"] == T * N
+    assert metrics["update/num_samples"] == T * N
 
 
 def test_update_raises_log_prob_of_positive_advantage_decisions():
     cfg = PPOConfig(update_epochs=8, minibatch_size=T * N, micro_batch_size=4, actor_lr=3e-3, clip_ratio=10.0)
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde", value_head_hidden=None)
+    policy = toy_rl_policy("flow_sde", value_head_hidden=None)
     batch = toy_rollout(policy, sparse_rewards())
     samples = ppo_samples(batch, cfg)
     before = batch.logprobs.flatten()
-    policy_update(policy, make_optimizer(policy, cfg), samples, cfg, "cpu")
+    update(policy, samples, cfg)
     with torch.no_grad():
         after = policy.evaluate(samples.observations, samples.chains, samples.step_index).logprob
     positive = samples.advantages > 0
@@ -78,27 +84,27 @@ def test_update_raises_log_prob_of_positive_advantage_decisions():
 
 def test_non_finite_loss_stops_the_update_with_a_message():
     cfg = PPOConfig(update_epochs=1, minibatch_size=T * N, micro_batch_size=None)
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    policy = toy_rl_policy("flow_sde")
     rewards = sparse_rewards()
     rewards[0, 0] = float("nan")
     batch = toy_rollout(policy, rewards)
     with pytest.raises(NonFiniteLossError, match="epoch 0, minibatch 0"):
-        policy_update(policy, make_optimizer(policy, cfg), ppo_samples(batch, cfg), cfg, "cpu")
+        update(policy, ppo_samples(batch, cfg), cfg)
 
 
 def test_target_kl_stops_the_epoch_loop_early():
     cfg = PPOConfig(
         update_epochs=20, minibatch_size=T * N, micro_batch_size=None, actor_lr=0.05, target_kl=1e-4
     )
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    policy = toy_rl_policy("flow_sde")
     batch = toy_rollout(policy, sparse_rewards())
-    metrics = policy_update(policy, make_optimizer(policy, cfg), ppo_samples(batch, cfg), cfg, "cpu")
-    assert metrics["losses/early_stopped"] == 1.0 and metrics["losses/epochs"] < 20
+    metrics = update(policy, ppo_samples(batch, cfg), cfg)
+    assert metrics["update/early_stopped"] == 1.0 and metrics["update/epochs"] < 20
 
 
 def test_masked_decisions_never_enter_the_update():
     cfg = PPOConfig()
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    policy = toy_rl_policy("flow_sde")
     batch = toy_rollout(policy, sparse_rewards())
     batch.mask[2, 3] = False
     batch.rewards[2, 3] = 1e6  # would dominate if it leaked
@@ -109,7 +115,7 @@ def test_masked_decisions_never_enter_the_update():
 
 def test_grpo_samples_give_each_decision_its_episode_advantage_and_drop_flat_groups():
     cfg = GRPOConfig(group_size=2)
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde", value_head_hidden=None)
+    policy = toy_rl_policy("flow_sde", value_head_hidden=None)
     batch = toy_rollout(policy, sparse_rewards())  # group 0 = envs 0,1 both succeed; group 1 both fail
     samples, stats = grpo_samples(batch, cfg)
     assert len(samples) == 0 and stats["grpo/kept_group_fraction"] == 0.0
@@ -120,7 +126,7 @@ def test_grpo_samples_give_each_decision_its_episode_advantage_and_drop_flat_gro
     samples, stats = grpo_samples(batch, cfg)
     assert len(samples) == 2 * T and stats["grpo/kept_group_fraction"] == 0.5
     assert torch.allclose(samples.advantages.sort().values, torch.tensor([-1.0] * T + [1.0] * T), atol=1e-5)
-    metrics = policy_update(policy, make_optimizer(policy, cfg), samples, cfg, "cpu")
+    metrics = update(policy, samples, cfg)
     assert "losses/value_loss" not in metrics
 
 

@@ -36,7 +36,8 @@ from lerobot_pirl.runtime.envs import (
     single_task_configs,
 )
 from lerobot_pirl.runtime.evaluation import evaluate
-from lerobot_pirl.runtime.trainer import build_collector, build_rl_policy, collect_update_samples
+from lerobot_pirl.runtime.factory import build_collector, build_rl_policy
+from lerobot_pirl.testing.collection import collect_samples
 from lerobot_pirl.testing.tiny_models import (
     make_tiny_pi0,
     make_tiny_tokenizer,
@@ -203,7 +204,7 @@ def test_one_ppo_iteration_cycles_disjoint_init_states(checkpoint):
     try:
         assert collector.tasks == [TASK_TEXT] * NUM_ENVS
         with success_at_step(collector, env_index=1, step=4):
-            samples, batches, _ = collect_update_samples(cfg, collector)
+            samples, batches, _ = collect_samples(cfg, collector)
         init_state_ids = collector.vec_env.get_attr("init_state_id")
     finally:
         close_envs(envs)
@@ -231,7 +232,7 @@ def test_one_ppo_iteration_cycles_disjoint_init_states(checkpoint):
     before = parameters(policy)
     metrics = policy_update(policy, make_optimizer(policy, cfg.algorithm), samples, cfg.algorithm, "cpu")
     assert abs(metrics["policy/ratio_max"] - 1.0) <= 1e-5  # first minibatch: ratio 1
-    assert metrics["losses/num_samples"] == 2 * NUM_ENVS
+    assert metrics["update/num_samples"] == 2 * NUM_ENVS
     changed = moved(policy, before)
     trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
     expert = {name for name in trainable if name.startswith("adapter.")}
@@ -258,7 +259,7 @@ def grpo_run(checkpoint):
         seed=GRPO_SEED,
     )
     with success_at_step(collector, env_index=1, step=4):
-        samples, batches, extras = collect_update_samples(cfg, collector)
+        samples, batches, extras = collect_samples(cfg, collector)
     init_state_ids = collector.vec_env.get_attr("init_state_id")
     before = parameters(policy)
     metrics = policy_update(policy, make_optimizer(policy, cfg.algorithm), samples, cfg.algorithm, "cpu")
@@ -293,7 +294,7 @@ def test_one_grpo_iteration_starts_group_members_identically(grpo_run):
     # The group was kept and trained on: 3 decisions, ratio 1 on the first minibatch.
     assert grpo_run["extras"]["grpo/kept_group_fraction"] == 1.0
     metrics = grpo_run["metrics"]
-    assert metrics["losses/num_samples"] == 3 and abs(metrics["policy/ratio_max"] - 1.0) <= 1e-5
+    assert metrics["update/num_samples"] == 3 and abs(metrics["policy/ratio_max"] - 1.0) <= 1e-5
     expert = {n for n, p in grpo_run["policy"].named_parameters() if p.requires_grad}
     assert grpo_run["policy"].value_head is None and len(grpo_run["moved"] & expert) >= 0.8 * len(expert)
 

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.rollout.collector import ChunkCollector
-from lerobot_pirl.testing.toy_adapter import ToyFlowAdapter
+from lerobot_pirl.testing.toy_adapter import toy_rl_policy
 from lerobot_pirl.testing.toy_envs import CountingEnv
 
 # CountingEnv: seeds that are multiples of 3 succeed at step 5, the others truncate at step 9.
@@ -15,7 +14,7 @@ from lerobot_pirl.testing.toy_envs import CountingEnv
 
 def make_collector(num_envs=2, **kwargs) -> ChunkCollector:
     vec_env = gym.vector.SyncVectorEnv([CountingEnv for _ in range(num_envs)])
-    policy = FlowRLPolicy(ToyFlowAdapter(), exploration="flow_sde")
+    policy = toy_rl_policy("flow_sde")
     with torch.no_grad():  # a critic whose value depends on the observation, to see what it bootstraps on
         policy.value_head[-1].weight.normal_()
         policy.value_head[-1].bias.fill_(0.3)
@@ -103,4 +102,4 @@ def test_a_vector_env_that_cannot_freeze_is_refused():
         num_envs = 1
 
     with pytest.raises(TypeError, match="freeze"):
-        ChunkCollector(Opaque(), FlowRLPolicy(ToyFlowAdapter()))
+        ChunkCollector(Opaque(), toy_rl_policy())

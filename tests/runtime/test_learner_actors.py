@@ -15,18 +15,20 @@ import pytest
 import torch
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
+from lerobot.envs.utils import close_envs
+from lerobot.utils.random_utils import set_seed
 
 from lerobot_pirl.algorithms.config import GRPOConfig, PPOConfig
 from lerobot_pirl.algorithms.ppo import ppo_samples
 from lerobot_pirl.algorithms.update import make_optimizer, policy_update
-from lerobot_pirl.runtime import trainer as trainer_module
-from lerobot_pirl.runtime.actor import Actor
+from lerobot_pirl.distributed.actor import Actor
+from lerobot_pirl.distributed.config import DistributedTrainConfig, TransportConfig
+from lerobot_pirl.distributed.ddp import encode_samples
+from lerobot_pirl.distributed.learner import build_learner, update_generator
+from lerobot_pirl.distributed.payloads import ParametersMessage, RolloutMessage, trainable_state
 from lerobot_pirl.runtime.config import ConfigError, EvalConfig, RolloutConfig
-from lerobot_pirl.runtime.ddp import encode_samples
-from lerobot_pirl.runtime.distributed_config import DistributedTrainConfig, TransportConfig
-from lerobot_pirl.runtime.learner import Learner, update_generator
-from lerobot_pirl.runtime.payloads import ParametersMessage, RolloutMessage, trainable_state
-from lerobot_pirl.runtime.trainer import Trainer, build_collector
+from lerobot_pirl.runtime.factory import build_collector
+from lerobot_pirl.runtime.trainer import LocalCollection, Trainer
 from lerobot_pirl.testing.ddp_check import check_policy, run_ddp_update
 from lerobot_pirl.testing.processes import free_port, start_cli
 from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
@@ -59,15 +61,15 @@ def make_cfg(policy_dir: Path, output_dir: Path, **transport) -> DistributedTrai
     return cfg
 
 
-def start_actors(learner: Learner, cfgs: list[DistributedTrainConfig]) -> list[Actor]:
+def start_actors(learner: Trainer, cfgs: list[DistributedTrainConfig]) -> list[Actor]:
     try:
         return [Actor(cfg) for cfg in cfgs]
     except BaseException:
-        learner.shutdown(tell_actors_to_exit=False)
+        learner.close(completed=False)
         raise
 
 
-def run_threads(learner: Learner, actors: list[Actor], timeout_s: float = 120.0) -> dict:
+def run_threads(learner: Trainer, actors: list[Actor], timeout_s: float = 120.0) -> dict:
     """Run the learner and actors in threads; always stops and joins them."""
     results: dict = {}
     threads = [threading.Thread(target=lambda: results.__setitem__("learner", learner.run()), name="learner")]
@@ -84,7 +86,7 @@ def run_threads(learner: Learner, actors: list[Actor], timeout_s: float = 120.0)
         for thread in threads[1:]:
             thread.join(30)
     finally:
-        learner.stop_event.set()
+        learner.source.stop_event.set()
         for actor in actors:
             actor.stop()
         for thread in threads:
@@ -99,12 +101,13 @@ def rows(output_dir: Path) -> list[dict]:
 
 
 def test_one_learner_and_two_actors_complete_two_iterations(policy_dir, tmp_path):
-    learner = Learner(make_cfg(policy_dir, tmp_path / "run", num_actors=2))
+    learner = build_learner(make_cfg(policy_dir, tmp_path / "run", num_actors=2))
     received: list[RolloutMessage] = []
-    submit = learner.rollouts.submit
-    learner.rollouts.submit = lambda message: (submit(message), received.append(message))
+    submit = learner.source.rollouts.submit
+    learner.source.rollouts.submit = lambda message: (submit(message), received.append(message))
     actors = start_actors(
-        learner, [make_cfg(policy_dir, tmp_path / "unused", actor_id=a, port=learner.port) for a in (0, 1)]
+        learner,
+        [make_cfg(policy_dir, tmp_path / "unused", actor_id=a, port=learner.source.port) for a in (0, 1)],
     )
     results = run_threads(learner, actors)
 
@@ -116,7 +119,7 @@ def test_one_learner_and_two_actors_complete_two_iterations(policy_dir, tmp_path
     assert [r["iteration"] for r in log] == [0, 1, 2]
     assert [r["transport/actors"] for r in log[1:]] == [2.0, 2.0]
     assert [r["env_steps"] for r in log[1:]] == [64, 128]  # 2 actors × 32 per version
-    assert log[1]["losses/num_samples"] == 16.0  # 2 actors × 2 envs × 4 decisions
+    assert log[1]["update/num_samples"] == 16.0  # 2 actors × 2 envs × 4 decisions
     assert (tmp_path / "run/checkpoints/000002/pretrained_model/model.safetensors").exists()
     # Disjoint seed ranges: each (actor, version) starts where the learner said, and the actors' first
     # episodes start from different MetaWorld goal positions.
@@ -129,10 +132,10 @@ def test_one_learner_and_two_actors_complete_two_iterations(policy_dir, tmp_path
 def test_one_learner_and_one_actor_make_the_single_process_trainers_update(policy_dir, tmp_path, monkeypatch):
     cfg = make_cfg(policy_dir, tmp_path / "distributed", num_actors=1)
     cfg.iterations = 1
-    learner = Learner(cfg)
+    learner = build_learner(cfg)
     initial = {k: v.detach().clone() for k, v in trainable_state(learner.policy).items()}
     run_threads(
-        learner, start_actors(learner, [make_cfg(policy_dir, tmp_path / "unused", port=learner.port)])
+        learner, start_actors(learner, [make_cfg(policy_dir, tmp_path / "unused", port=learner.source.port)])
     )
     distributed = trainable_state(learner.policy)
 
@@ -141,18 +144,20 @@ def test_one_learner_and_one_actor_make_the_single_process_trainers_update(polic
     # minibatch order from update_generator), which is all the distributed protocol fixes.
     trainer_cfg = make_cfg(policy_dir, tmp_path / "single")
     trainer_cfg.iterations = 1
-    collect, update = trainer_module.collect_update_samples, trainer_module.policy_update
 
-    def seeded_collect(cfg, collector):
-        trainer_module.set_seed(cfg.seed)
-        return collect(cfg, collector)
+    def seeded_source(trainer: Trainer) -> LocalCollection:
+        source = LocalCollection(trainer)
+        collect = source.collect
+        source.collect = lambda: (set_seed(trainer_cfg.seed), collect())[1]
+        return source
 
-    def seeded_update(policy, optimizer, samples, algorithm, device):
-        return update(policy, optimizer, samples, algorithm, device, update_generator(trainer_cfg.seed, 0))
+    def seeded_update(trainer: Trainer):
+        generator = update_generator(trainer_cfg.seed, 0)
+        return lambda samples: policy_update(
+            trainer.policy, trainer.optimizer, samples, trainer.cfg.algorithm, trainer.device, generator
+        )
 
-    monkeypatch.setattr(trainer_module, "collect_update_samples", seeded_collect)
-    monkeypatch.setattr(trainer_module, "policy_update", seeded_update)
-    trainer = Trainer(trainer_cfg)
+    trainer = Trainer(trainer_cfg, source=seeded_source, update=seeded_update)
     trainer.run()
     single = trainable_state(trainer.policy)
 
@@ -173,12 +178,12 @@ def test_grpo_groups_stay_inside_each_actor_and_its_seed_range(policy_dir, tmp_p
         cfg.iterations = 1
         return cfg
 
-    learner = Learner(grpo_cfg(tmp_path / "run", num_actors=2))
+    learner = build_learner(grpo_cfg(tmp_path / "run", num_actors=2))
     received: list[RolloutMessage] = []
-    submit = learner.rollouts.submit
-    learner.rollouts.submit = lambda message: (submit(message), received.append(message))
+    submit = learner.source.rollouts.submit
+    learner.source.rollouts.submit = lambda message: (submit(message), received.append(message))
     actors = start_actors(
-        learner, [grpo_cfg(tmp_path / "unused", actor_id=a, port=learner.port) for a in (0, 1)]
+        learner, [grpo_cfg(tmp_path / "unused", actor_id=a, port=learner.source.port) for a in (0, 1)]
     )
     results = run_threads(learner, actors)
 
@@ -243,7 +248,7 @@ def test_ddp_update_on_two_gloo_processes_equals_the_single_process_update(polic
     try:
         samples = ppo_samples(collector.collect(4, "flow_sde"), algorithm)  # M = 8 decisions, 4 per rank
     finally:
-        trainer_module.close_envs(envs)
+        close_envs(envs)
     samples_path = tmp_path / "samples.safetensors"
     samples_path.write_bytes(encode_samples(samples))
 
@@ -266,7 +271,7 @@ def test_ddp_update_on_two_gloo_processes_equals_the_single_process_update(polic
     )
     for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl"):
         assert ranks[0][f"metric/{key}"].item() == pytest.approx(metrics[key], rel=1e-3, abs=1e-6), key
-    assert ranks[0]["metric/losses/num_samples"].item() == 8
+    assert ranks[0]["metric/update/num_samples"].item() == 8
 
 
 def cfg_processors(policy_dir: Path):

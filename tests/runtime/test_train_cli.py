@@ -102,6 +102,16 @@ def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(
     ):
         assert (state_dir / name).exists()
     assert json.loads((state_dir / "trainer_state.json").read_text())["iteration"] == 2
+    # Both saved configs carry the numbers that ran: flow_mlp's actor lr and minibatch, the flag's epochs.
+    for algorithm in (
+        json.loads((out / "train_config.json").read_text())["algorithm"],
+        json.loads((state_dir / "algorithm_config.json").read_text()),
+    ):
+        assert (algorithm["actor_lr"], algorithm["minibatch_size"], algorithm["update_epochs"]) == (
+            3e-5,
+            400,
+            1,
+        )
 
 
 def test_a_killed_run_resumes_to_the_same_step_count_with_no_checkpoint_lost(tmp_path, policy_dir):
@@ -163,6 +173,14 @@ def test_a_killed_run_resumes_to_the_same_step_count_with_no_checkpoint_lost(tmp
             ],
             "flow_magic",
         ),
+        (
+            lambda d, t: [f"--policy.path={d}", "--algorithm.value_features=foo"],
+            "--algorithm.value_features must be one of ('prefix', 'expert'), got 'foo'",
+        ),
+        (
+            lambda d, t: [f"--policy.path={d}", "--algorithm.noise_level=-1"],
+            "--algorithm.noise_level must be >= 0, got -1",
+        ),
     ],
 )
 def test_bad_input_gets_one_error_line_before_any_work(
@@ -211,20 +229,15 @@ def test_policy_env_feature_mismatch_is_refused(monkeypatch, capsys, tmp_path):
 def test_non_finite_loss_stops_the_run_with_a_checkpoint_and_says_where(
     monkeypatch, capsys, tmp_path, policy_dir
 ):
-    import lerobot_pirl.runtime.trainer as trainer_module
-    from lerobot_pirl.algorithms.update import UpdateSamples
+    from lerobot_pirl.algorithms.ppo import PPO
 
-    real = trainer_module.collect_update_samples
+    real = PPO.update_samples
 
-    def poisoned(cfg, collector):
-        samples, batches, extras = real(cfg, collector)
-        return (
-            UpdateSamples(**{**samples.__dict__, "returns": samples.returns * float("nan")}),
-            batches,
-            extras,
-        )
+    def poisoned(self, batches):
+        samples, stats = real(self, batches)
+        return samples.replace(returns=samples.returns * float("nan")), stats
 
-    monkeypatch.setattr(trainer_module, "collect_update_samples", poisoned)
+    monkeypatch.setattr(PPO, "update_samples", poisoned)
     out = tmp_path / "run"
     status = run_main(
         monkeypatch, [f"--policy.path={policy_dir}", *FAST_RUN, "--iterations=3", f"--output_dir={out}"]

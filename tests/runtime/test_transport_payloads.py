@@ -17,9 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lerobot.transport import services_pb2
 
-from lerobot_pirl.rollout.batch import RolloutBatch
-from lerobot_pirl.runtime.distributed_config import TOKEN_ENV, TransportConfig
-from lerobot_pirl.runtime.payloads import (
+from lerobot_pirl.distributed.config import TOKEN_ENV, TransportConfig
+from lerobot_pirl.distributed.payloads import (
     MALFORMED,
     STALE,
     TOO_LARGE,
@@ -31,7 +30,7 @@ from lerobot_pirl.runtime.payloads import (
     encode_payload,
     load_trainable_state,
 )
-from lerobot_pirl.runtime.transport import (
+from lerobot_pirl.distributed.transport import (
     LearnerClient,
     LearnerServicer,
     ParameterBoard,
@@ -39,6 +38,7 @@ from lerobot_pirl.runtime.transport import (
     RolloutBoard,
     start_learner_server,
 )
+from lerobot_pirl.rollout.batch import RolloutBatch
 
 T, N, K, H, A, E = 3, 2, 2, 4, 4, 3  # decisions, envs, denoising steps, chunk, action width, episodes
 SPEC = RolloutSpec(

@@ -12,17 +12,20 @@ from dataclasses import dataclass
 import draccus
 
 EXPLORATIONS = ("flow_sde", "flow_noise")
-# Values the config leaves as None, per policy size. The reference recipe (REFERENCE.md §1) is for the
-# VLAs (~300 M trained parameters). For the small flow_mlp, measured on MetaWorld pick-place
-# (BENCHMARKS.md): with ~1600 decisions per iteration (32 envs x 50), minibatches of 400 give several
-# Adam steps per update; 10 epochs learned faster per env step than 4 (34-40% vs 26-34% eval success
-# after ~300k steps), and updates cost ~5% of an iteration. From the default bootstrap, actor lr 3e-5
-# (approx-KL ~0.02 per update) reached 84-96% eval success at 220-320k env steps where 1e-5
-# (approx-KL ~0.008) was at 72-80%.
+VALUE_FEATURES = ("prefix", "expert")
+# Values the config leaves as None, per policy size: the reference recipe (REFERENCE.md §1) for the VLAs
+# (~300 M trained parameters), and the measured choice for the small flow_mlp (BENCHMARKS.md, "Per-policy
+# update defaults").
 REFERENCE_DEFAULTS = {"actor_lr": 5e-6, "minibatch_size": 2048, "update_epochs": 4}
 SMALL_POLICY_DEFAULTS = {"actor_lr": 3e-5, "minibatch_size": 400, "update_epochs": 10}
 SMALL_POLICY_TYPES = ("flow_mlp",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _require(condition: bool, message: str) -> None:
+    """Config checks raise ValueError: draccus reports it as a ParsingError, the CLI as one line."""
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass
@@ -39,7 +42,8 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     gae_lambda: float = 0.95
 
     # Optimisation. actor_lr, update_epochs and minibatch_size (decisions per optimiser step): None takes
-    # REFERENCE_DEFAULTS for the VLAs and SMALL_POLICY_DEFAULTS for flow_mlp (see `resolved`).
+    # the per-policy default (reference recipe for VLAs, a flow_mlp-sized one), filled in once the policy
+    # type is known and saved with the run.
     actor_lr: float | None = None
     critic_lr: float = 1e-4
     weight_decay: float = 0.01
@@ -77,21 +81,54 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
         unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
         return dataclasses.replace(self, **unset) if unset else self
 
+    def policy_settings(self) -> dict:
+        """FlowRLPolicy's exploration and critic settings for this algorithm (no critic by default)."""
+        return {
+            "exploration": self.exploration,
+            "noise_level": self.noise_level,
+            "noise_std_min": self.noise_std_min,
+            "noise_std_max": self.noise_std_max,
+            "value_head_hidden": None,
+            "value_features": "prefix",
+            "detach_value_input": True,
+        }
+
     def __post_init__(self):
-        if self.exploration not in EXPLORATIONS:
-            raise ValueError(
-                f"--algorithm.exploration must be one of {EXPLORATIONS}, got {self.exploration!r}"
-            )
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"--algorithm.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
-            )
-        if not 0 < self.noise_std_min <= self.noise_std_max:
-            raise ValueError("need 0 < noise_std_min <= noise_std_max")
-        if any(size is not None and size < 1 for size in (self.minibatch_size, self.micro_batch_size)):
-            raise ValueError("minibatch_size and micro_batch_size must be >= 1")
-        if self.update_epochs is not None and self.update_epochs < 1:
-            raise ValueError("update_epochs must be >= 1")
+        _require(
+            self.exploration in EXPLORATIONS,
+            f"--algorithm.exploration must be one of {EXPLORATIONS}, got {self.exploration!r}",
+        )
+        _require(
+            self.lr_schedule in LR_SCHEDULES,
+            f"--algorithm.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
+        )
+        _require(self.noise_level >= 0, f"--algorithm.noise_level must be >= 0, got {self.noise_level}")
+        _require(
+            0 < self.noise_std_min <= self.noise_std_max,
+            "--algorithm.noise_std_min and noise_std_max need 0 < noise_std_min <= noise_std_max, got "
+            f"{self.noise_std_min} and {self.noise_std_max}",
+        )
+        _require(self.entropy_coef >= 0, f"--algorithm.entropy_coef must be >= 0, got {self.entropy_coef}")
+        _require(0 <= self.gamma <= 1, f"--algorithm.gamma must be in [0, 1], got {self.gamma}")
+        _require(
+            0 <= self.gae_lambda <= 1, f"--algorithm.gae_lambda must be in [0, 1], got {self.gae_lambda}"
+        )
+        _require(self.clip_ratio > 0, f"--algorithm.clip_ratio must be > 0, got {self.clip_ratio}")
+        _require(self.max_grad_norm > 0, f"--algorithm.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for name in ("actor_lr", "critic_lr"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"--algorithm.{name} must be > 0, got {value}")
+        for name in ("minibatch_size", "micro_batch_size", "update_epochs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"--algorithm.{name} must be >= 1, got {value}")
+        _require(
+            self.target_kl is None or self.target_kl > 0,
+            f"--algorithm.target_kl must be > 0 (or unset), got {self.target_kl}",
+        )
+        _require(
+            self.lr_warmup_iterations >= 0,
+            f"--algorithm.lr_warmup_iterations must be >= 0, got {self.lr_warmup_iterations}",
+        )
 
 
 @AlgorithmConfig.register_subclass("ppo")
@@ -104,6 +141,36 @@ class PPOConfig(AlgorithmConfig):
     value_head_hidden: tuple[int, ...] = (256, 256)
     value_features: str = "prefix"  # pooled observation features; "expert" = pooled expert states
     detach_value_input: bool = True  # the critic does not move the policy trunk
+
+    def policy_settings(self) -> dict:
+        return {
+            **super().policy_settings(),
+            "value_head_hidden": self.value_head_hidden,
+            "value_features": self.value_features,
+            "detach_value_input": self.detach_value_input,
+        }
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(
+            self.value_features in VALUE_FEATURES,
+            f"--algorithm.value_features must be one of {VALUE_FEATURES}, got {self.value_features!r}",
+        )
+        _require(
+            self.value_clip is None or self.value_clip > 0,
+            f"--algorithm.value_clip must be > 0 (or unset), got {self.value_clip}",
+        )
+        _require(
+            self.huber_delta is None or self.huber_delta > 0,
+            f"--algorithm.huber_delta must be > 0 (or unset), got {self.huber_delta}",
+        )
+        _require(
+            self.value_loss_coef >= 0, f"--algorithm.value_loss_coef must be >= 0, got {self.value_loss_coef}"
+        )
+        _require(
+            all(width >= 1 for width in self.value_head_hidden),
+            f"--algorithm.value_head_hidden widths must be >= 1, got {self.value_head_hidden}",
+        )
 
 
 @AlgorithmConfig.register_subclass("grpo")
@@ -118,5 +185,4 @@ class GRPOConfig(AlgorithmConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.group_size < 2:
-            raise ValueError("GRPO needs --algorithm.group_size >= 2")
+        _require(self.group_size >= 2, f"GRPO needs --algorithm.group_size >= 2, got {self.group_size}")

@@ -1,88 +1,37 @@
 """The policy-gradient update shared by PPO and GRPO: epochs × minibatches × micro-batches.
 
 Shape legend
-    M  valid decisions of the rollout (rows whose mask is True), flattened over (T, N)
+    M  valid decisions of the rollout, flattened over (T, N) (algorithms/samples.py)
     K  denoising steps, H chunk_size, A model action width
 
-Batch variables are prefixed `b_`, minibatch ones `mb_` (CleanRL). Diagnostics use stable keys:
-`losses/{policy_loss, value_loss, entropy, approx_kl, clipfrac, explained_variance}`, plus the
-flow-specific `policy/{logprob_min, logprob_max, logprob_mean, noise_std}` and
-`policy/clipfrac_step_{k}` (Flow-SDE: clip fraction by the denoising step that was stochastic).
+Minibatch variables are prefixed `mb_` (CleanRL). The keys of the update's metrics, all sample means
+unless said otherwise:
+    losses/policy_loss, losses/value_loss (PPO), losses/entropy, losses/approx_kl (Schulman's k3),
+    losses/clipfrac, losses/explained_variance (PPO: of the rollout values vs the returns);
+    policy/logprob_mean, policy/logprob_min, policy/logprob_max (extremes), policy/noise_std,
+    policy/ratio_max (extreme), policy/clipfrac_step_{k} (Flow-SDE: by the stochastic step k*);
+    grad/actor_norm, grad/critic_norm (means over optimiser steps, before clipping);
+    update/num_samples (M), update/epochs (epochs run), update/early_stopped (1 if target_kl stopped it).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from lerobot_pirl.algorithms.config import AlgorithmConfig, PPOConfig
+from lerobot_pirl.algorithms.config import AlgorithmConfig
 from lerobot_pirl.algorithms.losses import clipped_surrogate_loss, explained_variance, value_loss
-from lerobot_pirl.rl_policy import FlowRLPolicy
-from lerobot_pirl.rollout.batch import RolloutBatch
-
-
-@dataclass
-class UpdateSamples:
-    """The valid decisions of a rollout, flattened, with their advantages and critic targets."""
-
-    observations: dict[str, Tensor]  # each (M, ...)
-    chains: Tensor  # (M, K+1, H, A)
-    step_index: Tensor  # (M,)
-    old_logprobs: Tensor  # (M,)
-    old_values: Tensor  # (M,)
-    advantages: Tensor  # (M,)
-    returns: Tensor  # (M,)
-
-    @classmethod
-    def from_rollout(
-        cls, batch: RolloutBatch, advantages: Tensor, returns: Tensor, keep: Tensor | None = None
-    ) -> UpdateSamples:
-        """advantages, returns: (T, N); keep: optional (T, N) bool further restricting batch.mask."""
-        valid = batch.mask if keep is None else batch.mask & keep
-        return cls(
-            observations={k: v[valid] for k, v in batch.observations.items()},
-            chains=batch.chains[valid],
-            step_index=batch.step_index[valid],
-            old_logprobs=batch.logprobs[valid],
-            old_values=batch.values[valid],
-            advantages=advantages[valid],
-            returns=returns[valid],
-        )
-
-    @classmethod
-    def concatenate(cls, parts: list[UpdateSamples]) -> UpdateSamples:
-        return cls(
-            observations={k: torch.cat([p.observations[k] for p in parts]) for k in parts[0].observations},
-            chains=torch.cat([p.chains for p in parts]),
-            step_index=torch.cat([p.step_index for p in parts]),
-            old_logprobs=torch.cat([p.old_logprobs for p in parts]),
-            old_values=torch.cat([p.old_values for p in parts]),
-            advantages=torch.cat([p.advantages for p in parts]),
-            returns=torch.cat([p.returns for p in parts]),
-        )
-
-    def __len__(self) -> int:
-        return self.chains.shape[0]
-
-    def select(self, index: Tensor, device: torch.device | str) -> UpdateSamples:
-        return UpdateSamples(
-            observations={k: v[index].to(device) for k, v in self.observations.items()},
-            chains=self.chains[index].to(device),
-            step_index=self.step_index[index].to(device),
-            old_logprobs=self.old_logprobs[index].to(device),
-            old_values=self.old_values[index].to(device),
-            advantages=self.advantages[index].to(device),
-            returns=self.returns[index].to(device),
-        )
+from lerobot_pirl.algorithms.samples import UpdateSamples
+from lerobot_pirl.rl_policy import FlowRLPolicy, PolicyEvaluation
 
 
 def make_optimizer(policy: FlowRLPolicy, cfg: AlgorithmConfig) -> torch.optim.Optimizer:
     """AdamW with two parameter groups: actor (policy + noise head) and critic (value head)."""
-    cfg = cfg.resolved(policy.policy_type)
+    require_resolved(cfg)
     groups = [{"params": policy.actor_parameters(), "lr": cfg.actor_lr, "name": "actor"}]
     critic = policy.critic_parameters()
     if critic:
@@ -124,6 +73,79 @@ def _check_finite(name: str, value: Tensor, epoch: int, minibatch: int) -> None:
         raise NonFiniteLossError(f"non-finite {name} in update epoch {epoch}, minibatch {minibatch}")
 
 
+def require_resolved(cfg: AlgorithmConfig) -> None:
+    """The per-policy defaults are filled in once, when the policy is built (`AlgorithmConfig.resolved`)."""
+    unset = [name for name in ("actor_lr", "minibatch_size", "update_epochs") if getattr(cfg, name) is None]
+    if unset:
+        raise ValueError(
+            f"resolve the algorithm config for the policy type first (unset: {', '.join(unset)})"
+        )
+
+
+class UpdateStats:
+    """The update's diagnostics: sample-weighted sums, extremes, clip fractions by stochastic step."""
+
+    def __init__(self, num_steps: int):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.extremes = {
+            "policy/logprob_min": math.inf,
+            "policy/logprob_max": -math.inf,
+            "policy/ratio_max": 0.0,
+        }
+        self.clip_by_step = torch.zeros(num_steps)
+        self.count_by_step = torch.zeros(num_steps)
+        self.epochs = 0
+        self.epoch_kl_sum, self.epoch_kl_count = 0.0, 0
+
+    def start_epoch(self) -> None:
+        self.epochs += 1
+        self.epoch_kl_sum, self.epoch_kl_count = 0.0, 0
+
+    def epoch_kl(self) -> float:
+        return self.epoch_kl_sum / max(1, self.epoch_kl_count)
+
+    def add(self, key: str, total: float, count: int = 1) -> None:
+        self.sums[key] += total
+        self.counts[key] += count
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(1, self.counts[key])
+
+    def record(
+        self, evaluation: PolicyEvaluation, pg_loss: Tensor, pg_stats: dict, step_index: Tensor
+    ) -> None:
+        n = len(step_index)
+        self.add("losses/policy_loss", pg_loss.item() * n, n)
+        self.add("losses/entropy", evaluation.entropy.mean().item() * n, n)
+        self.add("losses/approx_kl", float(pg_stats["approx_kl"]) * n, n)
+        self.epoch_kl_sum += float(pg_stats["approx_kl"]) * n
+        self.epoch_kl_count += n
+        self.add("losses/clipfrac", float(pg_stats["clipped"].sum()), n)
+        self.add("policy/noise_std", evaluation.noise_std.mean().item() * n, n)
+        self.add("policy/logprob_mean", evaluation.logprob.mean().item() * n, n)
+        self.extremes["policy/ratio_max"] = max(
+            self.extremes["policy/ratio_max"], float(pg_stats["ratio"].max())
+        )
+        self.extremes["policy/logprob_min"] = min(
+            self.extremes["policy/logprob_min"], evaluation.logprob.min().item()
+        )
+        self.extremes["policy/logprob_max"] = max(
+            self.extremes["policy/logprob_max"], evaluation.logprob.max().item()
+        )
+        steps = step_index.cpu()
+        self.clip_by_step.index_add_(0, steps, pg_stats["clipped"].cpu())
+        self.count_by_step.index_add_(0, steps, torch.ones_like(steps, dtype=torch.float32))
+
+    def metrics(self) -> dict[str, float]:
+        metrics = {key: self.mean(key) for key in self.sums}
+        metrics.update(self.extremes)
+        for k in range(len(self.count_by_step)):
+            if self.count_by_step[k] > 0:
+                metrics[f"policy/clipfrac_step_{k}"] = float(self.clip_by_step[k] / self.count_by_step[k])
+        return metrics
+
+
 def policy_update(
     policy: FlowRLPolicy,
     optimizer: torch.optim.Optimizer,
@@ -132,110 +154,62 @@ def policy_update(
     device: torch.device | str,
     generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """Clipped-surrogate update over `samples`; the critic is trained too when `cfg` uses one (PPO).
+    """Clipped-surrogate update over `samples` (PPO trains its critic too); returns the metrics above.
 
-    Returns the mean diagnostics of the update. Raises NonFiniteLossError on NaN/inf.
+    Raises NonFiniteLossError on NaN/inf.
     """
-    cfg = cfg.resolved(policy.policy_type)
+    require_resolved(cfg)
     num_samples = len(samples)
     if num_samples == 0:
-        return {"losses/num_samples": 0.0}
-    b_advantages = samples.advantages
+        return {"update/num_samples": 0.0}
     if cfg.normalize_advantages and num_samples > 1:
-        b_advantages = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
-    samples = UpdateSamples(**{**samples.__dict__, "advantages": b_advantages})
-    use_critic = cfg.uses_critic and policy.value_head is not None
+        advantages = samples.advantages
+        samples = samples.replace(advantages=(advantages - advantages.mean()) / (advantages.std() + 1e-8))
+    critic_loss = None
+    if cfg.uses_critic and policy.value_head is not None:
+        critic_loss = functools.partial(value_loss, value_clip=cfg.value_clip, huber_delta=cfg.huber_delta)
     entropy_coef = cfg.entropy_coef if policy.exploration == "flow_noise" else 0.0
     minibatch_size = min(cfg.minibatch_size, num_samples)
     micro_batch_size = min(cfg.micro_batch_size or minibatch_size, minibatch_size)
-    actor_params = policy.actor_parameters()
-    critic_params = policy.critic_parameters()
+    actor_params, critic_params = policy.actor_parameters(), policy.critic_parameters()
+    stats = UpdateStats(policy.num_steps)
 
-    sums: dict[str, float] = defaultdict(float)
-    counts: dict[str, int] = defaultdict(int)
-    clip_by_step = torch.zeros(policy.num_steps)
-    count_by_step = torch.zeros(policy.num_steps)
-    logprob_min, logprob_max = math.inf, -math.inf
-    epochs_run = 0
     policy.train()
     for epoch in range(cfg.update_epochs):
-        epochs_run += 1
-        epoch_kl, epoch_kl_count = 0.0, 0
+        stats.start_epoch()
         order = torch.randperm(num_samples, generator=generator)
-        for mb_number, start in enumerate(range(0, num_samples, minibatch_size)):
-            mb_index = order[start : start + minibatch_size]
+        for mb_number, mb_index in enumerate(order.split(minibatch_size)):
             optimizer.zero_grad(set_to_none=True)
-            for micro_start in range(0, len(mb_index), micro_batch_size):
-                micro_index = mb_index[micro_start : micro_start + micro_batch_size]
+            for micro_index in mb_index.split(micro_batch_size):
                 mb = samples.select(micro_index, device)
-                weight = len(micro_index) / len(mb_index)  # gradient accumulation averages over the minibatch
                 evaluation = policy.evaluate(mb.observations, mb.chains, mb.step_index)
                 pg_loss, pg_stats = clipped_surrogate_loss(
                     evaluation.logprob, mb.old_logprobs, mb.advantages, cfg.clip_ratio
                 )
                 loss = pg_loss - entropy_coef * evaluation.entropy.mean()
-                if use_critic:
-                    assert isinstance(cfg, PPOConfig)
-                    v_loss = value_loss(
-                        evaluation.value, mb.old_values, mb.returns, cfg.value_clip, cfg.huber_delta
-                    )
+                if critic_loss is not None:
+                    v_loss = critic_loss(evaluation.value, mb.old_values, mb.returns)
                     loss = loss + cfg.value_loss_coef * v_loss
-                    sums["losses/value_loss"] += v_loss.item() * len(micro_index)
+                    stats.add("losses/value_loss", v_loss.item() * len(micro_index), len(micro_index))
                 _check_finite("loss", loss, epoch, mb_number)
-                (loss * weight).backward()
-
-                n = len(micro_index)
-                sums["losses/policy_loss"] += pg_loss.item() * n
-                sums["losses/entropy"] += evaluation.entropy.mean().item() * n
-                sums["losses/approx_kl"] += float(pg_stats["approx_kl"]) * n
-                sums["losses/clipfrac"] += float(pg_stats["clipped"].sum())
-                sums["policy/noise_std"] += evaluation.noise_std.mean().item() * n
-                sums["policy/ratio_max"] = max(sums["policy/ratio_max"], float(pg_stats["ratio"].max()))
-                counts["samples"] += n
-                epoch_kl += float(pg_stats["approx_kl"]) * n
-                epoch_kl_count += n
-                logprob_min = min(logprob_min, evaluation.logprob.min().item())
-                logprob_max = max(logprob_max, evaluation.logprob.max().item())
-                sums["policy/logprob_mean"] += evaluation.logprob.mean().item() * n
-                steps = mb.step_index.cpu()
-                clip_by_step.index_add_(0, steps, pg_stats["clipped"].cpu())
-                count_by_step.index_add_(0, steps, torch.ones_like(steps, dtype=torch.float32))
+                (loss * (len(micro_index) / len(mb_index))).backward()  # the minibatch mean, accumulated
+                stats.record(evaluation, pg_loss, pg_stats, mb.step_index)
 
             actor_norm = torch.nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             _check_finite("actor gradient norm", actor_norm, epoch, mb_number)
-            sums["grad/actor_norm"] += float(actor_norm)
-            if critic_params and use_critic:
+            stats.add("grad/actor_norm", float(actor_norm))
+            if critic_loss is not None and critic_params:
                 critic_norm = torch.nn.utils.clip_grad_norm_(critic_params, cfg.max_grad_norm)
                 _check_finite("critic gradient norm", critic_norm, epoch, mb_number)
-                sums["grad/critic_norm"] += float(critic_norm)
-            counts["optimizer_steps"] += 1
+                stats.add("grad/critic_norm", float(critic_norm))
             optimizer.step()
-        if cfg.target_kl is not None and epoch_kl / max(1, epoch_kl_count) > cfg.target_kl:
+        if cfg.target_kl is not None and stats.epoch_kl() > cfg.target_kl:
             break
 
-    n = max(1, counts["samples"])
-    steps_taken = max(1, counts["optimizer_steps"])
-    metrics = {
-        "losses/policy_loss": sums["losses/policy_loss"] / n,
-        "losses/entropy": sums["losses/entropy"] / n,
-        "losses/approx_kl": sums["losses/approx_kl"] / n,
-        "losses/clipfrac": sums["losses/clipfrac"] / n,
-        "losses/num_samples": float(num_samples),
-        "losses/epochs": float(epochs_run),
-        "losses/early_stopped": float(epochs_run < cfg.update_epochs),
-        "policy/logprob_min": logprob_min,
-        "policy/logprob_max": logprob_max,
-        "policy/logprob_mean": sums["policy/logprob_mean"] / n,
-        "policy/noise_std": sums["policy/noise_std"] / n,
-        "policy/ratio_max": sums["policy/ratio_max"],
-        "grad/actor_norm": sums["grad/actor_norm"] / steps_taken,
-    }
-    if use_critic:
-        metrics["losses/value_loss"] = sums["losses/value_loss"] / n
-        metrics["grad/critic_norm"] = sums["grad/critic_norm"] / steps_taken
+    metrics = stats.metrics()
+    metrics["update/num_samples"] = float(num_samples)
+    metrics["update/epochs"] = float(stats.epochs)
+    metrics["update/early_stopped"] = float(stats.epochs < cfg.update_epochs)
+    if critic_loss is not None:
         metrics["losses/explained_variance"] = explained_variance(samples.old_values, samples.returns)
-    if policy.exploration == "flow_sde":
-        for k in range(policy.num_steps):
-            if count_by_step[k] > 0:
-                metrics[f"policy/clipfrac_step_{k}"] = float(clip_by_step[k] / count_by_step[k])
     return metrics

@@ -5,6 +5,9 @@ Shape legend
     N  parallel envs
     K  denoising steps, H chunk_size, A model action width
     E  episodes that started in this rollout
+
+Each tensor field says in its metadata what it is indexed by ("decision": (T, N), "episode": (E,)) and its
+dtype; moving, encoding and checking a batch derive from that one table.
 """
 
 from __future__ import annotations
@@ -15,23 +18,27 @@ import torch
 from torch import Tensor
 
 
+def _per(kind: str, dtype: torch.dtype):
+    return field(metadata={"per": kind, "dtype": dtype})
+
+
 @dataclass
 class RolloutBatch:
     observations: dict[str, Tensor]  # each (T, N, ...): the policy-preprocessed observation of decision t
-    chains: Tensor  # (T, N, K+1, H, A) denoising chains
-    step_index: Tensor  # (T, N) int64, Flow-SDE's stochastic step k*
-    logprobs: Tensor  # (T, N) float32, log-prob at collection time
-    values: Tensor  # (T, N) float32, V(o_t) at collection time
-    rewards: Tensor  # (T, N) float32, sum of the chunk's step rewards
-    terminated: Tensor  # (T, N) bool, the episode terminated during this chunk
-    truncated: Tensor  # (T, N) bool, the episode hit its time limit during this chunk
-    next_values: Tensor  # (T, N) V of the observation after the chunk (final obs if the episode ended)
-    mask: Tensor  # (T, N) bool, the decision is real (False after an episode ended in episodic mode)
-    episode_index: Tensor  # (T, N) int64 into the episode tensors below, -1 where mask is False
-    episode_returns: Tensor  # (E,) float32, undiscounted return of each episode that started here
-    episode_success: Tensor  # (E,) bool
-    episode_lengths: Tensor  # (E,) int64, env steps
-    episode_done: Tensor  # (E,) bool, the episode finished inside this rollout
+    chains: Tensor  # (T, N, K+1, H, A) denoising chains, float
+    step_index: Tensor = _per("decision", torch.int64)  # Flow-SDE's stochastic step k*
+    logprobs: Tensor = _per("decision", torch.float32)  # log-prob at collection time
+    values: Tensor = _per("decision", torch.float32)  # V(o_t) at collection time
+    rewards: Tensor = _per("decision", torch.float32)  # sum of the chunk's step rewards
+    terminated: Tensor = _per("decision", torch.bool)  # the episode terminated during this chunk
+    truncated: Tensor = _per("decision", torch.bool)  # the episode hit its time limit during this chunk
+    next_values: Tensor = _per("decision", torch.float32)  # V after the chunk (final obs if it ended)
+    mask: Tensor = _per("decision", torch.bool)  # the decision is real (False after an episode ended)
+    episode_index: Tensor = _per("decision", torch.int64)  # into the episode tensors, -1 where masked
+    episode_returns: Tensor = _per("episode", torch.float32)  # undiscounted return of each episode
+    episode_success: Tensor = _per("episode", torch.bool)
+    episode_lengths: Tensor = _per("episode", torch.int64)  # env steps
+    episode_done: Tensor = _per("episode", torch.bool)  # the episode finished inside this rollout
     env_steps: int = 0  # env steps taken by the rollout (all envs, masked ones excluded)
     extras: dict[str, float] = field(default_factory=dict)
 
@@ -40,12 +47,15 @@ class RolloutBatch:
         return int(self.mask.sum())
 
     def to(self, device: torch.device | str) -> RolloutBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor):
-                value = value.to(device)
-            elif f.name == "observations":
-                value = {k: v.to(device) for k, v in value.items()}
-            moved[f.name] = value
-        return RolloutBatch(**moved)
+        moved = {name: getattr(self, name).to(device) for name in TENSOR_FIELDS}
+        observations = {k: v.to(device) for k, v in self.observations.items()}
+        return RolloutBatch(observations=observations, **moved, env_steps=self.env_steps, extras=self.extras)
+
+
+PER_DECISION_DTYPES = {
+    f.name: f.metadata["dtype"] for f in fields(RolloutBatch) if f.metadata.get("per") == "decision"
+}
+PER_EPISODE_DTYPES = {
+    f.name: f.metadata["dtype"] for f in fields(RolloutBatch) if f.metadata.get("per") == "episode"
+}
+TENSOR_FIELDS = ("chains", *PER_DECISION_DTYPES, *PER_EPISODE_DTYPES)  # every tensor but the observations

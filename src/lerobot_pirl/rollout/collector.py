@@ -30,9 +30,11 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lerobot_pirl.rl_policy import FlowRLPolicy, SampleMode
-from lerobot_pirl.rollout.batch import RolloutBatch
+from lerobot_pirl.rollout.batch import PER_DECISION_DTYPES, RolloutBatch
 
 Pipeline = Callable[[Any], Any]
+# The (T, N) fields of RolloutBatch written per decision; next_values is derived from them at the end.
+COLLECTED_PER_DECISION = tuple(name for name in PER_DECISION_DTYPES if name != "next_values")
 
 
 def _identity(x: Any) -> Any:
@@ -283,15 +285,15 @@ class ChunkCollector:
     ) -> RolloutBatch:
         """`slot` (N,): each env's running episode in `stats`, updated as episodes restart."""
         active = np.ones(self.num_envs, dtype=bool)  # the env's episode is still running (episodic mode)
-        observations, chains, step_index, logprobs, values = [], [], [], [], []
-        rewards, terminated, truncated, masks, episode_index = [], [], [], [], []
-        final_values: list[Tensor] = []  # (N,) per decision: V(final obs) where truncated, else 0
-        env_steps = 0
-        for _ in range(num_decisions):
+        store: dict[str, Any] = {}  # (T, N, ...) storage, allocated at the first decision
+        env_steps, decisions = 0, 0
+        for t in range(num_decisions):
             if not continuous and not active.any():
                 break
             batch = self.policy_inputs(self._observation)
             sample = self.policy.sample(batch, mode)
+            if not store:
+                store = self._allocate(num_decisions, self._storable(batch), sample.chain)
             succeeded = np.array([stats.success[i] for i in slot])
             outcome = self._run_chunk(self.to_env_actions(sample.actions), active, succeeded, on_step)
             self._observation = outcome["observation"]
@@ -304,23 +306,24 @@ class ChunkCollector:
             env_steps += int(outcome["steps"].sum())
             ended = outcome["terminated"] | outcome["truncated"]
 
-            final_value = torch.zeros(self.num_envs)
             truncated_now = outcome["truncated"] & active
             if truncated_now.any() and self.policy.value_head is not None:
                 final_inputs = self.policy_inputs(self._observation)  # frozen envs show their final obs
                 final_value = self.policy.value(final_inputs).float().cpu() * torch.from_numpy(truncated_now)
+                store["final_values"][t] = final_value  # V(final obs) where truncated, else 0
 
-            observations.append({k: v.to(self.storage_device) for k, v in self._storable(batch).items()})
-            chains.append(sample.chain.to(self.storage_device))
-            step_index.append(sample.step_index.cpu())
-            logprobs.append(sample.logprob.float().cpu())
-            values.append(sample.value.float().cpu())
-            rewards.append(torch.from_numpy(outcome["reward"]).float())
-            terminated.append(torch.from_numpy(outcome["terminated"] & active))
-            truncated.append(torch.from_numpy(truncated_now))
-            masks.append(torch.from_numpy(active.copy()))
-            episode_index.append(torch.from_numpy(np.where(active, slot, -1)))
-            final_values.append(final_value)
+            for key, value in self._storable(batch).items():
+                store["observations"][key][t] = value
+            store["chains"][t] = sample.chain
+            store["step_index"][t] = sample.step_index
+            store["logprobs"][t] = sample.logprob
+            store["values"][t] = sample.value
+            store["rewards"][t] = torch.from_numpy(outcome["reward"])
+            store["terminated"][t] = torch.from_numpy(outcome["terminated"] & active)
+            store["truncated"][t] = torch.from_numpy(truncated_now)
+            store["mask"][t] = torch.from_numpy(active)
+            store["episode_index"][t] = torch.from_numpy(np.where(active, slot, -1))
+            decisions = t + 1
 
             finished = ended & active
             for env in np.flatnonzero(finished):
@@ -337,31 +340,42 @@ class ChunkCollector:
             else:
                 active &= ~finished
 
+        per_decision = {
+            name: store[name][:decisions] for name in PER_DECISION_DTYPES if name != "next_values"
+        }
         # V of the observation each decision led to: the next decision's value inside an episode, the
         # final observation's value at a truncation (0 at a termination), and a bootstrap pass at the end.
-        values_t = torch.stack(values)  # (T, N)
-        next_values = torch.zeros_like(values_t)
-        next_values[:-1] = values_t[1:]
+        values = per_decision["values"]
+        next_values = torch.zeros_like(values)
+        next_values[:-1] = values[1:]
         if continuous and self.policy.value_head is not None:
             next_values[-1] = self.policy.value(self.policy_inputs(self._observation)).float().cpu()
-        ended_t = torch.stack(terminated) | torch.stack(truncated)
-        next_values = torch.where(ended_t, torch.stack(final_values), next_values)
+        ended_t = per_decision["terminated"] | per_decision["truncated"]
+        next_values = torch.where(ended_t, store["final_values"][:decisions], next_values)
 
         return RolloutBatch(
-            observations={k: torch.stack([o[k] for o in observations]) for k in observations[0]},
-            chains=torch.stack(chains),
-            step_index=torch.stack(step_index),
-            logprobs=torch.stack(logprobs),
-            values=values_t,
-            rewards=torch.stack(rewards),
-            terminated=torch.stack(terminated),
-            truncated=torch.stack(truncated),
+            observations={k: v[:decisions] for k, v in store["observations"].items()},
+            chains=store["chains"][:decisions],
+            **per_decision,
             next_values=next_values,
-            mask=torch.stack(masks),
-            episode_index=torch.stack(episode_index),
             episode_returns=torch.tensor(stats.returns, dtype=torch.float32),
             episode_success=torch.tensor(stats.success, dtype=torch.bool),
             episode_lengths=torch.tensor(stats.lengths, dtype=torch.int64),
             episode_done=torch.tensor(stats.done, dtype=torch.bool),
             env_steps=env_steps,
         )
+
+    def _allocate(self, num_decisions: int, observation: dict[str, Tensor], chain: Tensor) -> dict[str, Any]:
+        """Storage for up to T = num_decisions decisions: observations and chains on the storage device,
+        the (T, N) fields of RolloutBatch on the CPU, in their declared dtypes."""
+        T, N = num_decisions, self.num_envs
+        on_storage = {"device": self.storage_device}
+        return {
+            "observations": {  # each (T, N, ...)
+                key: torch.empty((T, *value.shape), dtype=value.dtype, **on_storage)
+                for key, value in observation.items()
+            },
+            "chains": torch.empty((T, *chain.shape), dtype=chain.dtype, **on_storage),  # (T, N, K+1, H, A)
+            **{name: torch.empty((T, N), dtype=PER_DECISION_DTYPES[name]) for name in COLLECTED_PER_DECISION},
+            "final_values": torch.zeros(T, N),  # (T, N)
+        }

@@ -105,7 +105,7 @@ def evaluate_per_task(
     the next task's are built), `eval_cfg.n_episodes` episodes on `eval_cfg.batch_size` envs each."""
     from lerobot.envs.utils import close_envs
 
-    from lerobot_pirl.runtime.trainer import build_collector
+    from lerobot_pirl.runtime.factory import build_collector
 
     eval_cfg = eval_cfg or cfg.eval
     results = SuiteEvalResult()

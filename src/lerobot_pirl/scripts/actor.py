@@ -1,4 +1,4 @@
-"""`lerobot-pirl-actor`: one actor of a distributed πRL run (see runtime/actor.py).
+"""`lerobot-pirl-actor`: one actor of a distributed πRL run (see distributed/actor.py).
 
     lerobot-pirl-actor --policy.path=<sft> --env.type=metaworld_state --env.task=push-v3 \\
         --transport.host=<learner> --transport.actor_id=0
@@ -13,13 +13,13 @@ import sys
 
 from lerobot.configs import parser
 
-from lerobot_pirl.runtime.distributed_config import DistributedTrainConfig
+from lerobot_pirl.distributed.config import DistributedTrainConfig
 from lerobot_pirl.scripts._cli import run, setup_logging
 
 
 def act(cfg: DistributedTrainConfig):
     """Build and run the actor; returns its ActorResult. Raises ConfigError on bad input."""
-    from lerobot_pirl.runtime.actor import Actor
+    from lerobot_pirl.distributed.actor import Actor
 
     cfg.validate()
     return Actor(cfg).run()
@@ -27,7 +27,7 @@ def act(cfg: DistributedTrainConfig):
 
 @parser.wrap()
 def main(cfg: DistributedTrainConfig) -> int:
-    from lerobot_pirl.runtime.actor import LearnerLostError
+    from lerobot_pirl.distributed.actor import LearnerLostError
 
     setup_logging(f"actor{cfg.transport.actor_id}")
     try:

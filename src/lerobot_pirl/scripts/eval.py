@@ -59,8 +59,8 @@ def evaluate_policy_per_task(cfg: EvalPipelineConfig):
     """Load the policy once, then for every task the env config selects build `eval.batch_size` envs and
     run `eval.n_episodes` ODE episodes. Returns a `runtime.suite_evaluation.SuiteEvalResult`."""
     from lerobot_pirl.runtime.config import TrainConfig
+    from lerobot_pirl.runtime.factory import build_rl_policy, resolve_device
     from lerobot_pirl.runtime.suite_evaluation import evaluate_per_task
-    from lerobot_pirl.runtime.trainer import build_rl_policy, resolve_device
 
     device = resolve_device(cfg.device)
     train_cfg = TrainConfig(policy=cfg.policy, env=cfg.env, rollout=cfg.rollout, eval=cfg.eval)

@@ -1,7 +1,7 @@
 """Run the learner's DDP update on N CPU processes (gloo), for the DDP-vs-single-process test.
 
 Every rank builds the same tiny policy (`check_policy`), reads the same update samples from a
-safetensors file (`runtime.ddp.encode_samples`) and runs `distributed_policy_update`; each writes its
+safetensors file (`distributed.ddp.encode_samples`) and runs `distributed_policy_update`; each writes its
 trainable parameters and update metrics to `<output_dir>/rank<r>.safetensors`.
 """
 
@@ -24,7 +24,7 @@ def check_policy(policy_dir: str, algorithm_options: dict, seed: int):
 
     from lerobot_pirl.algorithms.config import PPOConfig
     from lerobot_pirl.runtime.config import TrainConfig
-    from lerobot_pirl.runtime.trainer import build_rl_policy
+    from lerobot_pirl.runtime.factory import build_rl_policy
 
     policy_config = PreTrainedConfig.from_pretrained(policy_dir)
     policy_config.pretrained_path = Path(policy_dir)
@@ -58,14 +58,14 @@ def _rank_main(
     )
     torch.set_num_threads(1)
     from lerobot_pirl.algorithms.update import make_optimizer
-    from lerobot_pirl.runtime.ddp import (
+    from lerobot_pirl.distributed.ddp import (
         DDPPolicy,
         close_distributed,
         decode_samples,
         distributed_policy_update,
         init_distributed,
     )
-    from lerobot_pirl.runtime.payloads import trainable_state
+    from lerobot_pirl.distributed.payloads import trainable_state
 
     ctx, device = init_distributed(torch.device("cpu"), timeout_s=120)
     policy, algorithm = check_policy(policy_dir, algorithm_options, seed)

@@ -85,17 +85,10 @@ def run_learning_check(
     common = {"exploration": exploration, "update_epochs": 4, "minibatch_size": 64, "micro_batch_size": None}
     common |= {"actor_lr": 3e-3, "noise_std_min": 0.1, "noise_std_max": 0.4, "entropy_coef": 0.0}
     if algorithm == "ppo":
-        cfg = PPOConfig(critic_lr=1e-2, gamma=0.0, **common)
+        cfg = PPOConfig(critic_lr=1e-2, gamma=0.0, value_head_hidden=(64,), **common)
     else:
         cfg = GRPOConfig(group_size=4, **common)
-    rl_policy = FlowRLPolicy(
-        FlowMLPAdapter(policy),
-        exploration=exploration,
-        noise_level=cfg.noise_level,
-        noise_std_min=cfg.noise_std_min,
-        noise_std_max=cfg.noise_std_max,
-        value_head_hidden=(64,) if algorithm == "ppo" else None,
-    )
+    rl_policy = FlowRLPolicy(FlowMLPAdapter(policy), **cfg.policy_settings(), n_action_steps=None)
     vec_env = gym.vector.SyncVectorEnv([lambda: PointTargetEnv(target=TARGET) for _ in range(num_envs)])
     collector = ChunkCollector(
         vec_env, rl_policy, preprocessor, postprocessor, sparse_reward=False, end_on_success=False, seed=seed

@@ -15,8 +15,8 @@ from pathlib import Path
 
 PRELOAD = [
     "torch",
-    "lerobot_pirl.runtime.learner",
-    "lerobot_pirl.runtime.actor",
+    "lerobot_pirl.distributed.learner",
+    "lerobot_pirl.distributed.actor",
     "lerobot_pirl.scripts.learner",
     "lerobot_pirl.scripts.actor",
     "lerobot_pirl.scripts.train",

@@ -296,17 +296,17 @@ def _make_tiny_paligemma_policy(
     input_features: dict[str, PolicyFeature],
     output_features: dict[str, PolicyFeature],
     *,
-    chunk_size: int,
-    n_action_steps: int,
-    num_steps: int,
-    image_resolution: int | None,
     tokenizer_max_length: int,
-    tokenizer,
-    dataset_stats: dict[str, dict[str, Tensor]] | None,
-    sizes: TinyPaliGemmaSizes,
-    seed: int,
-    device: str,
-    config_kwargs: dict[str, Any],
+    chunk_size: int = 8,
+    n_action_steps: int = 4,
+    num_steps: int = 4,
+    image_resolution: int | None = None,
+    tokenizer=None,
+    dataset_stats: dict[str, dict[str, Tensor]] | None = None,
+    sizes: TinyPaliGemmaSizes = TinyPaliGemmaSizes(),
+    seed: int = 0,
+    device: str = "cpu",
+    **config_kwargs: Any,
 ) -> TinyPolicy:
     from lerobot.policies.pi0 import PI0Config, PI0Policy
     from lerobot.policies.pi05 import PI05Config, PI05Policy
@@ -341,46 +341,24 @@ def make_tiny_pi0(
     input_features: dict[str, PolicyFeature],
     output_features: dict[str, PolicyFeature],
     *,
-    chunk_size: int = 8,
-    n_action_steps: int = 4,
-    num_steps: int = 4,
-    image_resolution: int | None = None,
     tokenizer_max_length: int = 32,
-    tokenizer=None,
-    dataset_stats: dict[str, dict[str, Tensor]] | None = None,
-    sizes: TinyPaliGemmaSizes = TinyPaliGemmaSizes(),
-    seed: int = 0,
-    device: str = "cpu",
-    **config_kwargs: Any,
+    **options: Any,
 ) -> TinyPolicy:
     """A tiny randomly initialised ``PI0Policy`` with its LeRobot processors (~0.25 M parameters).
 
     Args:
         input_features / output_features: LeRobot features (see :func:`make_tiny_features`).
-        chunk_size: H, actions per model call. n_action_steps: C, actions executed per call.
-        num_steps: K, denoising steps (``num_inference_steps``).
+        chunk_size: H, actions per model call (8). n_action_steps: C, actions executed per call (4).
+        num_steps: K, denoising steps (``num_inference_steps``, 4).
         image_resolution: side the model resizes cameras to (default: the first camera's larger side,
             rounded up to the patch size).
         tokenizer: a tokenizer object (default :func:`make_tiny_tokenizer`); ids must be < vocab_size.
         dataset_stats: normalisation stats (default :func:`make_tiny_stats`, identity normalisation).
-        sizes: backbone widths. seed: torch seed for the weights (global RNG state is restored).
-        config_kwargs: any other ``PI0Config`` field (e.g. ``dtype="bfloat16"``).
+        sizes: backbone widths. seed: torch seed for the weights (0; global RNG state is restored).
+        device: "cpu" by default. Any other keyword: a ``PI0Config`` field (e.g. ``dtype="bfloat16"``).
     """
     return _make_tiny_paligemma_policy(
-        "pi0",
-        input_features,
-        output_features,
-        chunk_size=chunk_size,
-        n_action_steps=n_action_steps,
-        num_steps=num_steps,
-        image_resolution=image_resolution,
-        tokenizer_max_length=tokenizer_max_length,
-        tokenizer=tokenizer,
-        dataset_stats=dataset_stats,
-        sizes=sizes,
-        seed=seed,
-        device=device,
-        config_kwargs=config_kwargs,
+        "pi0", input_features, output_features, tokenizer_max_length=tokenizer_max_length, **options
     )
 
 
@@ -388,36 +366,14 @@ def make_tiny_pi05(
     input_features: dict[str, PolicyFeature],
     output_features: dict[str, PolicyFeature],
     *,
-    chunk_size: int = 8,
-    n_action_steps: int = 4,
-    num_steps: int = 4,
-    image_resolution: int | None = None,
     tokenizer_max_length: int = 48,
-    tokenizer=None,
-    dataset_stats: dict[str, dict[str, Tensor]] | None = None,
-    sizes: TinyPaliGemmaSizes = TinyPaliGemmaSizes(),
-    seed: int = 0,
-    device: str = "cpu",
-    **config_kwargs: Any,
+    **options: Any,
 ) -> TinyPolicy:
     """A tiny randomly initialised ``PI05Policy`` with its LeRobot processors; arguments as
     :func:`make_tiny_pi0`. pi05 writes the discretised state into the prompt ("Task: ..., State: 12 200
     ...;\\nAction: "), hence the longer default ``tokenizer_max_length``."""
     return _make_tiny_paligemma_policy(
-        "pi05",
-        input_features,
-        output_features,
-        chunk_size=chunk_size,
-        n_action_steps=n_action_steps,
-        num_steps=num_steps,
-        image_resolution=image_resolution,
-        tokenizer_max_length=tokenizer_max_length,
-        tokenizer=tokenizer,
-        dataset_stats=dataset_stats,
-        sizes=sizes,
-        seed=seed,
-        device=device,
-        config_kwargs=config_kwargs,
+        "pi05", input_features, output_features, tokenizer_max_length=tokenizer_max_length, **options
     )
 
 

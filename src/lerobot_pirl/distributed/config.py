@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lerobot_pirl.runtime.config import TrainConfig
+from lerobot_pirl.runtime.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,6 @@ class TransportConfig:
         return self.tls or self.tls_ca is not None
 
     def check(self) -> None:
-        from lerobot_pirl.runtime.trainer import ConfigError
-
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--transport.port must be in 0..65535, got {self.port}")
         if self.num_actors < 1:
@@ -110,21 +108,6 @@ class DistributedTrainConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         self.transport.check()
-
-
-def rollout_seed_budget(cfg: TrainConfig) -> int:
-    """An upper bound on the reset seeds one actor's rollout of one version draws.
-
-    PPO: the first rollout resets every env, then each decision can end at most every env's episode;
-    GRPO: one seed per group and episode round. The learner hands actor a the seeds
-    [start + a·budget, start + (a+1)·budget), so actors never share an episode.
-    """
-    from lerobot_pirl.algorithms.config import GRPOConfig
-
-    num_envs = cfg.rollout.num_envs
-    if isinstance(cfg.algorithm, GRPOConfig):
-        return (num_envs // cfg.algorithm.group_size) * cfg.rollout.episodes_per_env
-    return num_envs * (cfg.rollout.decisions_per_env + 1)
 
 
 def rollout_signature(cfg: TrainConfig) -> dict[str, object]:

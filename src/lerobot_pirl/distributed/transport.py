@@ -38,8 +38,8 @@ from lerobot.transport.utils import (
     send_bytes_in_chunks,
 )
 
-from lerobot_pirl.runtime.distributed_config import TOKEN_ENV, TransportConfig
-from lerobot_pirl.runtime.payloads import (
+from lerobot_pirl.distributed.config import TOKEN_ENV, TransportConfig
+from lerobot_pirl.distributed.payloads import (
     DUPLICATE,
     MALFORMED,
     MIB,
@@ -345,7 +345,7 @@ def learner_token() -> str | None:
 
 def start_learner_server(transport: TransportConfig, servicer: LearnerServicer) -> tuple[grpc.Server, int]:
     """Serve `servicer` on transport.host:port (port 0 picks a free one); returns (server, bound port)."""
-    from lerobot_pirl.runtime.trainer import ConfigError
+    from lerobot_pirl.runtime.config import ConfigError
 
     # One worker per actor stream (held for the actor's life) + concurrent uploads + spare for restarts.
     workers = 2 * transport.num_actors + 8

@@ -29,14 +29,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lerobot_pirl.algorithms.config import AlgorithmConfig
-from lerobot_pirl.algorithms.update import UpdateSamples, policy_update
+from lerobot_pirl.algorithms.samples import UpdateSamples
+from lerobot_pirl.algorithms.update import policy_update
+from lerobot_pirl.distributed.payloads import decode_payload, encode_payload
 from lerobot_pirl.rl_policy import FlowRLPolicy, PolicyEvaluation
-from lerobot_pirl.runtime.payloads import decode_payload, encode_payload
 
 logger = logging.getLogger(__name__)
 
 SAMPLES_KIND = "update_samples"
-SAMPLE_FIELDS = ("chains", "step_index", "old_logprobs", "old_values", "advantages", "returns")
 # Commands rank 0 broadcasts before each update.
 STOP, UPDATE, SKIP = 0, 1, 2
 # Metrics that are means over samples: averaged over ranks (equal shards) for the log.
@@ -101,7 +101,7 @@ def close_distributed(ctx: DistContext) -> None:
 
 
 def encode_samples(samples: UpdateSamples) -> bytes:
-    tensors = {name: getattr(samples, name) for name in SAMPLE_FIELDS}
+    tensors = {name: getattr(samples, name) for name in UpdateSamples.tensor_fields()}
     tensors.update({f"observations/{k}": v for k, v in samples.observations.items()})
     return encode_payload(tensors, {"kind": SAMPLES_KIND})
 
@@ -111,7 +111,7 @@ def decode_samples(data: bytes) -> UpdateSamples:
     prefix = "observations/"
     return UpdateSamples(
         observations={k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)},
-        **{name: tensors[name] for name in SAMPLE_FIELDS},
+        **{name: tensors[name] for name in UpdateSamples.tensor_fields()},
     )
 
 
@@ -147,8 +147,7 @@ def normalize_advantages_globally(
         return samples, cfg
     advantages = samples.advantages
     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # (M,)
-    normalized = UpdateSamples(**{**samples.__dict__, "advantages": advantages})
-    return normalized, dataclasses.replace(cfg, normalize_advantages=False)
+    return samples.replace(advantages=advantages), dataclasses.replace(cfg, normalize_advantages=False)
 
 
 def shard_samples(samples: UpdateSamples, ctx: DistContext, generator: torch.Generator) -> UpdateSamples:
@@ -198,7 +197,7 @@ class DDPPolicy:
 def average_metrics(metrics: dict[str, float], ctx: DistContext, device: torch.device) -> dict[str, float]:
     """Rank 0's metrics with the per-sample means averaged over ranks and the sample count summed."""
     keys = [k for k in MEAN_METRICS if k in metrics]
-    values = [metrics[k] for k in keys] + [metrics.get("losses/num_samples", 0.0)]
+    values = [metrics[k] for k in keys] + [metrics.get("update/num_samples", 0.0)]
     reduced = torch.tensor(
         values, dtype=torch.float64, device=ctx.communication_device(device)
     )  # (len(keys)+1,)
@@ -206,7 +205,7 @@ def average_metrics(metrics: dict[str, float], ctx: DistContext, device: torch.d
     averaged = dict(metrics)
     for i, key in enumerate(keys):
         averaged[key] = float(reduced[i]) / ctx.world_size
-    averaged["losses/num_samples"] = float(reduced[-1])
+    averaged["update/num_samples"] = float(reduced[-1])
     averaged["dist/world_size"] = float(ctx.world_size)
     return averaged
 
@@ -224,7 +223,6 @@ def distributed_policy_update(
     config and generator seed."""
     samples, cfg = normalize_advantages_globally(samples, cfg)
     shard = shard_samples(samples, ctx, generator)
-    cfg = cfg.resolved(policy.policy_type)
     local_cfg = dataclasses.replace(cfg, minibatch_size=max(1, cfg.minibatch_size // ctx.world_size))
     metrics = policy_update(policy, optimizer, shard, local_cfg, device, generator)
     return average_metrics(metrics, ctx, device)

@@ -35,7 +35,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
-from lerobot_pirl.rollout.batch import RolloutBatch
+from lerobot_pirl.rollout.batch import PER_DECISION_DTYPES, PER_EPISODE_DTYPES, TENSOR_FIELDS, RolloutBatch
 
 PROTOCOL = 1
 METADATA_KEY = "lerobot_pirl"
@@ -219,25 +219,6 @@ def load_trainable_state(policy: torch.nn.Module, tensors: dict[str, Tensor]) ->
 
 
 # ---- rollouts -----------------------------------------------------------------------------------------
-
-PER_DECISION_DTYPES = {  # (T, N) tensors of RolloutBatch
-    "step_index": torch.int64,
-    "logprobs": torch.float32,
-    "values": torch.float32,
-    "rewards": torch.float32,
-    "terminated": torch.bool,
-    "truncated": torch.bool,
-    "next_values": torch.float32,
-    "mask": torch.bool,
-    "episode_index": torch.int64,
-}
-PER_EPISODE_DTYPES = {  # (E,) tensors of RolloutBatch
-    "episode_returns": torch.float32,
-    "episode_success": torch.bool,
-    "episode_lengths": torch.int64,
-    "episode_done": torch.bool,
-}
-TENSOR_FIELDS = ("chains", *PER_DECISION_DTYPES, *PER_EPISODE_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ in every parameters message), and then loops:
 
     wait for a version it has not collected (a background thread keeps the stream open, reconnecting
     with exponential backoff) -> load its trainable parameters -> reseed: env resets from this actor's
-    own seed range of that version, RNGs from its start -> `collect_update_samples` (the trainer's
-    collection: PPO chunks or GRPO groups, all inside this actor) -> upload, retrying while the
+    own seed range of that version, RNGs from its start -> the algorithm's collection (PPO chunks or
+    GRPO groups, all inside this actor; advantages are the learner's) -> upload, retrying while the
     learner is unreachable, dropping the rollout once a newer version exists.
 
 A restarted actor simply joins at the version being collected; a restarted (resumed) learner has a
@@ -16,6 +16,7 @@ new run id, so every actor collects its current version afresh.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -27,27 +28,24 @@ import grpc
 from lerobot.envs.utils import close_envs
 from lerobot.utils.random_utils import set_seed
 
-from lerobot_pirl.runtime.distributed_config import (
-    DistributedTrainConfig,
-    rollout_seed_budget,
-    rollout_signature,
-)
-from lerobot_pirl.runtime.payloads import (
+from lerobot_pirl.algorithms.base import make_algorithm
+from lerobot_pirl.distributed.config import DistributedTrainConfig, rollout_signature
+from lerobot_pirl.distributed.payloads import (
     MIB,
     ParametersMessage,
     RolloutMessage,
     frozen_fingerprint,
     load_trainable_state,
 )
-from lerobot_pirl.runtime.trainer import (
-    ConfigError,
+from lerobot_pirl.distributed.transport import LearnerClient, ParameterReceiver
+from lerobot_pirl.runtime.config import ConfigError
+from lerobot_pirl.runtime.envs import episode_reset_hook
+from lerobot_pirl.runtime.factory import (
     build_collector,
     build_rl_policy,
-    collect_update_samples,
     resolve_device,
     resolve_policy_source,
 )
-from lerobot_pirl.runtime.transport import LearnerClient, ParameterReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +78,10 @@ class Actor:
             self._wait_for_learner()
         policy_path = resolve_policy_source(cfg, None)  # the SFT policy the learner started from
         self.policy, preprocessor, postprocessor = build_rl_policy(cfg, policy_path, self.device)
+        self.algorithm = make_algorithm(cfg.algorithm)
         self.fingerprint = frozen_fingerprint(self.policy)
         self.signature = rollout_signature(cfg)
-        self.seed_budget = rollout_seed_budget(cfg)
+        self.group_reset = functools.partial(episode_reset_hook, cfg.env)
         self.collector, self.envs = build_collector(
             cfg,
             self.policy,
@@ -155,7 +154,7 @@ class Actor:
             seed_start,
         )
         started = time.perf_counter()
-        _, batches, _ = collect_update_samples(self.cfg, self.collector)
+        batches = self.algorithm.collect(self.collector, self.cfg.rollout, self.group_reset)
         seeds_used = self.collector.next_seed - seed_start
         if seeds_used > message.seed_budget:
             logger.warning(

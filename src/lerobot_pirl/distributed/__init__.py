@@ -1,0 +1,1 @@
+"""The learner and actor processes over LeRobot's gRPC transport: config, payloads, transport, DDP."""

@@ -1,0 +1,213 @@
+"""Building a run's pieces from its config: the device, the RL policy (loaded, checked against the env,
+wrapped for RL) and the collectors over the env's vector envs.
+
+Every entry point builds through here: the trainer, the learner and actors, `lerobot-pirl-eval`, the
+benchmarks and the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from lerobot.configs.types import FeatureType
+from lerobot.envs.factory import make_env_pre_post_processors
+from lerobot.envs.utils import close_envs
+from lerobot.utils.constants import ACTION
+
+from lerobot_pirl.adapters.registry import SUPPORTED_POLICY_TYPES, load_flow_policy, make_adapter
+from lerobot_pirl.rl_policy import FlowRLPolicy
+from lerobot_pirl.rollout.collector import ChunkCollector
+from lerobot_pirl.runtime.config import ConfigError, TrainConfig
+from lerobot_pirl.runtime.envs import env_policy_features, make_rollout_envs
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def single_vec_env(envs: dict) -> object:
+    """LeRobot returns {suite: {task_id: vec_env}}; a run trains on exactly one task."""
+    vec_envs = [vec for suite in envs.values() for vec in suite.values()]
+    if len(vec_envs) != 1:
+        close_envs(envs)
+        raise ConfigError(
+            f"the env config builds {len(vec_envs)} tasks; train on one task per run "
+            "(e.g. --env.task_ids='[0]' for LIBERO)"
+        )
+    return vec_envs[0]
+
+
+def check_policy_matches_env(policy_config, env_cfg) -> None:
+    """The policy's state/action features must exist in the env with the same shapes."""
+    env_features = env_policy_features(env_cfg)  # after the env's processors (LIBERO: 8-d state)
+    problems = []
+    for key, feature in policy_config.input_features.items():
+        if feature.type is FeatureType.VISUAL:
+            continue  # VLAs pad missing cameras; image sizes are resized by the processors
+        if key not in env_features:
+            problems.append(f"the policy reads {key} {tuple(feature.shape)}, which the env does not provide")
+        elif tuple(env_features[key].shape) != tuple(feature.shape):
+            problems.append(f"{key}: policy {tuple(feature.shape)} vs env {tuple(env_features[key].shape)}")
+    needs_image = any(f.type is FeatureType.VISUAL for f in policy_config.input_features.values())
+    if needs_image and not any(f.type is FeatureType.VISUAL for f in env_features.values()):
+        problems.append("the policy reads camera images but the env renders none")
+    policy_action = policy_config.output_features.get(ACTION)
+    env_action = env_features.get(ACTION)
+    if policy_action is not None and env_action is not None and policy_action.shape != env_action.shape:
+        problems.append(f"action: policy {tuple(policy_action.shape)} vs env {tuple(env_action.shape)}")
+    if problems:
+        raise ConfigError(f"policy/env feature mismatch ({env_cfg.type}): " + "; ".join(problems))
+
+
+def cli_policy_overrides(policy_config) -> dict:
+    """The `--policy.<field>=...` values given next to `--policy.path`, as loader overrides."""
+    if policy_config is None or policy_config.pretrained_path is None:
+        return {}
+    from lerobot.configs.policies import PreTrainedConfig
+
+    saved = PreTrainedConfig.from_pretrained(policy_config.pretrained_path)
+    ignored = {"pretrained_path", "device", "push_to_hub", "repo_id", "private", "tags", "license"}
+    return {
+        f.name: getattr(policy_config, f.name)
+        for f in fields(policy_config)
+        if f.name not in ignored and getattr(policy_config, f.name) != getattr(saved, f.name, None)
+    }
+
+
+def adapter_options(policy_type: str, cfg: TrainConfig) -> dict:
+    options = cfg.policy_options
+    common = {"num_steps": cfg.rollout.num_inference_steps}
+    if policy_type == "flow_mlp":
+        if options.train_vlm or options.lora_rank or options.autocast_dtype or options.gradient_checkpointing:
+            raise ConfigError("--policy_options.{train_vlm,lora_rank,autocast_dtype,...} apply to VLAs only")
+        return common
+    if options.autocast_dtype not in (None, "bfloat16", "float16"):
+        raise ConfigError(
+            f"--policy_options.autocast_dtype must be bfloat16 or float16, got {options.autocast_dtype}"
+        )
+    return {
+        **common,
+        "train_vlm": options.train_vlm,
+        "lora_rank": options.lora_rank,
+        "autocast_dtype": getattr(torch, options.autocast_dtype) if options.autocast_dtype else None,
+        "gradient_checkpointing": options.gradient_checkpointing,
+    }
+
+
+def resolve_policy_source(cfg: TrainConfig, resume_from: Path | None) -> str | Path:
+    """Where the policy comes from: the run's last checkpoint, --policy.path, or the few-shot bootstrap."""
+    if resume_from is not None:
+        return resume_from / "pretrained_model"
+    if cfg.policy is None:
+        from lerobot_pirl.runtime.bootstrap import bootstrap_flow_policy
+
+        return bootstrap_flow_policy(cfg.env, cfg.bootstrap, seed=cfg.seed)
+    if cfg.policy.type not in SUPPORTED_POLICY_TYPES:
+        raise ConfigError(
+            f"policy type '{cfg.policy.type}' is not a flow-matching policy; "
+            f"lerobot-pirl fine-tunes {', '.join(SUPPORTED_POLICY_TYPES)}"
+        )
+    if cfg.policy.pretrained_path is None:
+        raise ConfigError("RL fine-tuning starts from a trained policy: pass --policy.path=<checkpoint>")
+    return cfg.policy.pretrained_path
+
+
+def build_rl_policy(
+    cfg: TrainConfig,
+    policy_path: str | Path,
+    device: torch.device,
+    apply_cli_overrides: bool = True,
+    tokenizer: object | None = None,
+) -> tuple[FlowRLPolicy, object, object]:
+    """Load the LeRobot policy with its processors, check it against the env, wrap it for RL.
+
+    Once the policy type is known, `cfg.algorithm` is resolved in place (per-policy learning rate,
+    minibatch and epochs: `AlgorithmConfig.resolved`), so every saved config carries the numbers that ran.
+
+    `tokenizer`: a tokenizer object for the policy's tokenizer step instead of the one its saved
+    preprocessor names (pi0/pi05 name the gated `google/paligemma-3b-pt-224`), e.g. to work offline.
+    """
+    overrides = cli_policy_overrides(cfg.policy) if apply_cli_overrides else {}
+    try:
+        lerobot_policy, preprocessor, postprocessor = load_flow_policy(
+            policy_path, device=str(device), tokenizer=tokenizer, **overrides
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ConfigError(f"could not load the policy from {policy_path}: {error}") from error
+    check_policy_matches_env(lerobot_policy.config, cfg.env)
+    policy_type = lerobot_policy.config.type
+    adapter = make_adapter(lerobot_policy, **adapter_options(policy_type, cfg))
+    cfg.algorithm = cfg.algorithm.resolved(policy_type)  # the one place the per-policy defaults are filled
+    policy = FlowRLPolicy(
+        adapter,
+        **cfg.algorithm.policy_settings(),
+        n_action_steps=cfg.rollout.n_action_steps,
+        freeze_trunk=cfg.policy_options.freeze_trunk,
+    ).to(device)
+    train_in_float32(adapter)
+    return policy, preprocessor, postprocessor
+
+
+def train_in_float32(adapter) -> None:
+    """Keep the trained parameters in float32 when the checkpoint's weights are bf16/fp16.
+
+    An AdamW step of the reference size (lr 5e-6) is far below half a bf16 ulp of a typical weight
+    (~1e-4 at |w| ~ 0.02), so bf16 parameters would silently never move. The frozen VLM keeps its dtype
+    (half the memory); the model then runs under autocast in that dtype, which mixed weights need.
+    """
+    low_precision = [
+        p for p in adapter.parameters() if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)
+    ]
+    if not low_precision:
+        return
+    dtype = low_precision[0].dtype
+    for param in low_precision:
+        param.data = param.data.float()
+    if getattr(adapter, "autocast_dtype", False) is None:
+        adapter.autocast_dtype = dtype
+    logger.info(
+        "training %d %s parameters in float32 (master weights) under %s autocast",
+        len(low_precision),
+        dtype,
+        getattr(adapter, "autocast_dtype", None),
+    )
+
+
+def build_collector(
+    cfg: TrainConfig,
+    policy: FlowRLPolicy,
+    preprocessor,
+    postprocessor,
+    *,
+    num_envs: int,
+    device: torch.device,
+    seed: int = 0,
+    storage_device: str = "cpu",
+) -> tuple[ChunkCollector, dict]:
+    """A ChunkCollector over `num_envs` envs of cfg.env; also returns LeRobot's env dict (to close)."""
+    envs = make_rollout_envs(
+        cfg.env, num_envs, cfg.rollout.use_async_envs, fast_render=cfg.rollout.fast_render
+    )
+    env_pre, env_post = make_env_pre_post_processors(cfg.env, policy.adapter.policy.config)
+    collector = ChunkCollector(
+        single_vec_env(envs),
+        policy,
+        preprocessor,
+        postprocessor,
+        env_pre,
+        env_post,
+        device=device,
+        storage_device=storage_device,
+        sparse_reward=cfg.rollout.sparse_reward,
+        reward_scale=cfg.rollout.reward_scale,
+        end_on_success=cfg.rollout.end_on_success,
+        seed=seed,
+    )
+    return collector, envs
