@@ -25,7 +25,7 @@ def compute_gae(
     gamma: float,
     gae_lambda: float,
 ) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over decisions.
+    """Generalised advantage estimation over decisions (πRL Eq. 13, per action chunk).
 
     rewards, values: (T, N).
     next_values: (T, N), V of the observation that follows decision t: for a decision that ended its episode,

@@ -13,7 +13,9 @@ from torch import Tensor
 def clipped_surrogate_loss(
     logprob: Tensor, old_logprob: Tensor, advantages: Tensor, clip_ratio: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """-E[min(r·Â, clip(r, 1-ε, 1+ε)·Â)] with r = exp(ℓ_new - ℓ_old). Returns the loss and diagnostics."""
+    """-E[min(r·Â, clip(r, 1-ε, 1+ε)·Â)] with r = exp(ℓ_new - ℓ_old) (πRL Eqs. 14-15).
+
+    Returns the loss and diagnostics."""
     log_ratio = logprob - old_logprob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio

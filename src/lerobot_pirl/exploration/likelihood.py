@@ -58,11 +58,12 @@ def gaussian_entropy(std: Tensor, mask: Tensor) -> Tensor:
 
 
 def flow_noise_chain_log_prob(chain: Tensor, means: Tensor, stds: Tensor, mask: Tensor) -> Tensor:
-    """Flow-Noise likelihood of a whole denoising chain (one-layer MDP, DESIGN.md §3).
+    """Flow-Noise likelihood of a whole denoising chain (one-layer MDP, πRL Eq. 5, DESIGN.md §3).
 
     chain: (B, K+1, H, A) with x_0 ~ N(0, I); means, stds: (B, K, H, A), the Gaussian of each transition
     x_k -> x_{k+1}. Per executed element: the MEAN over the K+1 terms (prior on x_0 plus K transitions);
-    then the SUM over the C×D executed elements. Returns (B,).
+    then the SUM over the C×D executed elements (πRL Eq. 5 writes the sum over the terms; the mean is the
+    reference implementation's normalisation). Returns (B,).
     """
     num_terms = chain.shape[1]
     prior = _elementwise_log_density(

@@ -25,10 +25,9 @@ from lerobot_pirl.algorithms.config import AlgorithmConfig, PPOConfig
 
 logger = logging.getLogger(__name__)
 
-# The main job: pick-place from the default bootstrap (20 demos with action noise 0.5) starts at 56-60%
-# deterministic success, inside the paper's few-shot band (benchmarks/results/fewshot_sft_200steps.json).
+# The main job's task and episode length (BENCHMARKS.md, "Main-job defaults").
 DEFAULT_TASK = "pick-place-v3"
-DEFAULT_EPISODE_LENGTH = 200  # the expert needs ~50 steps; failed episodes stop wasting 300 more
+DEFAULT_EPISODE_LENGTH = 200  # the scripted expert needs about 50 steps
 
 
 class ConfigError(ValueError):
@@ -61,8 +60,8 @@ def _default_env() -> EnvConfig:
 class RolloutConfig:
     num_envs: int = 32  # parallel envs for training rollouts
     use_async_envs: bool = False  # one process per env (worth it when one env step is slow, e.g. LIBERO)
-    # PPO: action chunks per env per iteration (episodes carry over). 50 = one 200-step MetaWorld episode at
-    # C = 4, so an update sees ~32 outcomes; at 16 it saw ~5 and the sparse-reward gradient was mostly noise.
+    # PPO: action chunks per env per iteration (episodes carry over); 50 = one 200-step MetaWorld episode
+    # at C = 4, so every update sees about one outcome per env.
     decisions_per_env: int = 50
     episodes_per_env: int = 1  # GRPO: whole episodes per env per iteration
     n_action_steps: int | None = None  # C, actions executed per decision; None = the policy's own
@@ -102,12 +101,8 @@ class PolicyOptionsConfig:
 class BootstrapConfig:
     """The few-shot SFT policy made when no --policy.path is given (cached under cache_dir)."""
 
-    # Many imperfect demos rather than a few clean ones (BENCHMARKS.md, "MetaWorld learning"): from 3 demos
-    # with noise 0.1 the policy is confidently wrong on most initial states (in GRPO groups sharing an
-    # initial state, 16% of groups had mixed outcomes where independent ones would give 68%), and sparse-
-    # reward RL only learns where outcomes are mixed; it gained +20 points on pick-place and +10 on push
-    # in 12 minutes. From 20 demos with noise 0.5 the SFT policy starts at 56-60% on pick-place and 40-58%
-    # on push, its outcomes are mixed in 55-70% of groups, and RL gained +28 and +48 in 12 minutes.
+    # Many imperfect demos rather than a few clean ones, so that outcomes vary within an initial state
+    # and a sparse reward has something to teach (BENCHMARKS.md, "Main-job defaults").
     num_demos: int = 20
     action_noise: float = 0.5  # std of the Gaussian noise on every recorded expert action (in [-1, 1])
     sft_steps: int = 2000
@@ -126,9 +121,7 @@ class TrainConfig:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     wandb: WandBConfig = field(default_factory=WandBConfig)
 
-    # rollout + update cycles. 60 x ~6.3k env steps: the main job reached 94-96% eval success on pick-place
-    # at iterations 50-60 and took 19 min at 80 (the README promises under 20 on 2 cores).
-    iterations: int = 60
+    iterations: int = 60  # rollout + update cycles (BENCHMARKS.md, "Main-job defaults")
     max_env_steps: int | None = None  # stop earlier once this many training env steps were taken
     max_minutes: float | None = None  # stop earlier after this much wall time (a checkpoint is saved)
     save_freq: int = 10  # iterations between checkpoints (the last one is always saved)
