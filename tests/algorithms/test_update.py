@@ -130,6 +130,21 @@ def test_grpo_samples_give_each_decision_its_episode_advantage_and_drop_flat_gro
     assert "losses/value_loss" not in metrics
 
 
+def test_grpo_statistics_cover_every_batch_of_the_iteration():
+    """Trainer and learner both ask the algorithm: the kept-group fraction is over all rounds/actors."""
+    from lerobot_pirl.algorithms.base import make_algorithm
+
+    algorithm = make_algorithm(GRPOConfig(group_size=2))
+    policy = toy_rl_policy("flow_sde", value_head_hidden=None)
+    mixed = torch.zeros(T, N)
+    mixed[-1, 0] = 1.0  # one of two groups mixed
+    batches = [toy_rollout(policy, mixed), toy_rollout(policy, sparse_rewards(), seed=1)]  # 1/2, then 0/2
+    samples, stats = algorithm.update_samples(batches)
+    assert stats == {"grpo/kept_group_fraction": 0.25}
+    assert len(samples) == 2 * T  # only the mixed group's decisions, from the first batch
+    assert algorithm.update_samples([]) == (None, {})
+
+
 @dataclass
 class _Wrapper:
     algorithm: AlgorithmConfig = field(default_factory=PPOConfig)
@@ -152,3 +167,22 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
         PPOConfig(exploration="flow_magic")
     with pytest.raises(ValueError):
         GRPOConfig(group_size=1)
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "value"),
+    [
+        (PPOConfig, "value_features", "foo"),
+        (PPOConfig, "noise_level", -1.0),
+        (PPOConfig, "clip_ratio", 0.0),
+        (PPOConfig, "value_clip", 0.0),
+        (PPOConfig, "huber_delta", -1.0),
+        (PPOConfig, "noise_std_max", 0.01),
+        (PPOConfig, "gae_lambda", 1.5),
+        (GRPOConfig, "target_kl", 0.0),
+        (GRPOConfig, "micro_batch_size", 0),
+    ],
+)
+def test_every_bad_algorithm_value_names_its_flag(config, field, value):
+    with pytest.raises(ValueError, match=f"--algorithm.{field}"):
+        config(**{field: value})

@@ -103,10 +103,11 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
             f"--algorithm.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
         )
         _require(self.noise_level >= 0, f"--algorithm.noise_level must be >= 0, got {self.noise_level}")
+        _require(self.noise_std_min > 0, f"--algorithm.noise_std_min must be > 0, got {self.noise_std_min}")
         _require(
-            0 < self.noise_std_min <= self.noise_std_max,
-            "--algorithm.noise_std_min and noise_std_max need 0 < noise_std_min <= noise_std_max, got "
-            f"{self.noise_std_min} and {self.noise_std_max}",
+            self.noise_std_max >= self.noise_std_min,
+            f"--algorithm.noise_std_max must be >= noise_std_min ({self.noise_std_min}), "
+            f"got {self.noise_std_max}",
         )
         _require(self.entropy_coef >= 0, f"--algorithm.entropy_coef must be >= 0, got {self.entropy_coef}")
         _require(0 <= self.gamma <= 1, f"--algorithm.gamma must be in [0, 1], got {self.gamma}")

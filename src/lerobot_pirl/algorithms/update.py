@@ -85,7 +85,7 @@ def require_resolved(cfg: AlgorithmConfig) -> None:
 class UpdateStats:
     """The update's diagnostics: sample-weighted sums, extremes, clip fractions by stochastic step."""
 
-    def __init__(self, num_steps: int):
+    def __init__(self, num_steps: int, by_step: bool):
         self.sums: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
         self.extremes = {
@@ -93,6 +93,7 @@ class UpdateStats:
             "policy/logprob_max": -math.inf,
             "policy/ratio_max": 0.0,
         }
+        self.by_step = by_step  # Flow-SDE: clip fractions by the stochastic step k*
         self.clip_by_step = torch.zeros(num_steps)
         self.count_by_step = torch.zeros(num_steps)
         self.epochs = 0
@@ -133,9 +134,10 @@ class UpdateStats:
         self.extremes["policy/logprob_max"] = max(
             self.extremes["policy/logprob_max"], evaluation.logprob.max().item()
         )
-        steps = step_index.cpu()
-        self.clip_by_step.index_add_(0, steps, pg_stats["clipped"].cpu())
-        self.count_by_step.index_add_(0, steps, torch.ones_like(steps, dtype=torch.float32))
+        if self.by_step:
+            steps = step_index.cpu()
+            self.clip_by_step.index_add_(0, steps, pg_stats["clipped"].cpu())
+            self.count_by_step.index_add_(0, steps, torch.ones_like(steps, dtype=torch.float32))
 
     def metrics(self) -> dict[str, float]:
         metrics = {key: self.mean(key) for key in self.sums}
@@ -172,7 +174,7 @@ def policy_update(
     minibatch_size = min(cfg.minibatch_size, num_samples)
     micro_batch_size = min(cfg.micro_batch_size or minibatch_size, minibatch_size)
     actor_params, critic_params = policy.actor_parameters(), policy.critic_parameters()
-    stats = UpdateStats(policy.num_steps)
+    stats = UpdateStats(policy.num_steps, by_step=policy.exploration == "flow_sde")
 
     policy.train()
     for epoch in range(cfg.update_epochs):
