@@ -292,8 +292,9 @@ class ChunkCollector:
                 break
             batch = self.policy_inputs(self._observation)
             sample = self.policy.sample(batch, mode)
+            observation = self._storable(batch)
             if not store:
-                store = self._allocate(num_decisions, self._storable(batch), sample.chain)
+                store = self._allocate(num_decisions, observation, sample.chain)
             succeeded = np.array([stats.success[i] for i in slot])
             outcome = self._run_chunk(self.to_env_actions(sample.actions), active, succeeded, on_step)
             self._observation = outcome["observation"]
@@ -312,7 +313,7 @@ class ChunkCollector:
                 final_value = self.policy.value(final_inputs).float().cpu() * torch.from_numpy(truncated_now)
                 store["final_values"][t] = final_value  # V(final obs) where truncated, else 0
 
-            for key, value in self._storable(batch).items():
+            for key, value in observation.items():
                 store["observations"][key][t] = value
             store["chains"][t] = sample.chain
             store["step_index"][t] = sample.step_index
@@ -340,9 +341,7 @@ class ChunkCollector:
             else:
                 active &= ~finished
 
-        per_decision = {
-            name: store[name][:decisions] for name in PER_DECISION_DTYPES if name != "next_values"
-        }
+        per_decision = {name: store[name][:decisions] for name in COLLECTED_PER_DECISION}
         # V of the observation each decision led to: the next decision's value inside an episode, the
         # final observation's value at a truncation (0 at a termination), and a bootstrap pass at the end.
         values = per_decision["values"]
