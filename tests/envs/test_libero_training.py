@@ -211,28 +211,31 @@ def test_one_ppo_iteration_cycles_disjoint_init_states(checkpoint):
     batch = batches[0]
 
     # Two decisions of C = 4 steps per env; LIBERO's cameras and 8-d state reached the policy batch.
-    assert len(samples) == 2 * NUM_ENVS and batch.env_steps == 2 * NUM_ENVS * EXECUTED
+    # Env 1 succeeded at step 4 (decision 0) and sat out decision 1 while it was reset: 3 samples.
+    assert len(samples) == 3 and batch.env_steps == (2 + 1) * EXECUTED
+    assert batch.mask.tolist() == [[True, True], [True, False]]
     for key in IMAGE_KEYS:
-        assert samples.observations[key].shape == (2 * NUM_ENVS, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert samples.observations[OBS_STATE].shape == (2 * NUM_ENVS, 8)
+        assert batch.observations[key].shape == (2, NUM_ENVS, 3, IMAGE_SIZE, IMAGE_SIZE)
+        assert batch.observations[key].dtype == torch.uint8  # camera images stored compact
+    assert batch.observations[OBS_STATE].shape == (2, NUM_ENVS, 8)
     # Env 0 was truncated at the 8-step limit (LeRobot's env never truncates by itself); env 1 succeeded
-    # at step 4, restarted at the chunk boundary and was still running at the end.
+    # at step 4.
     assert batch.truncated.tolist() == [[False, False], [True, False]]
     assert batch.terminated.tolist() == [[False, True], [False, False]]
-    # Episodes in order of start: env 0, env 1, env 1's second, env 0's second (just reset).
-    assert batch.episode_lengths.tolist() == [EPISODE_LENGTH, 4, 4, 0]
-    assert batch.episode_done.tolist() == [True, True, False, False]
-    assert batch.episode_returns.tolist() == [0.0, 1.0, 0.0, 0.0]
-    # Every finished episode was followed by a reset: env i loaded init state i, then i + n_envs
-    # (LeRobot's stride n_envs advances the id after each load), so concurrent envs never share one.
-    assert init_state_ids == (0 + 2 * NUM_ENVS, 1 + 2 * NUM_ENVS)
-    first_images = batch.observations[IMAGE_KEYS[0]][0]  # (N, 3, H, W)
+    # Episodes in order of start: env 0, env 1, env 1's second (reset after decision 1).
+    assert batch.episode_lengths.tolist() == [EPISODE_LENGTH, 4, 0]
+    assert batch.episode_done.tolist() == [True, True, False]
+    assert batch.episode_returns.tolist() == [0.0, 1.0, 0.0]
+    # Env i loaded init state i at the first reset, then LeRobot's stride n_envs advanced its id: env 1
+    # has loaded i + n_envs since (concurrent envs never share one); env 0's reset is still pending.
+    assert init_state_ids == (0 + NUM_ENVS, 1 + 2 * NUM_ENVS)
+    first_images = batch.observations[IMAGE_KEYS[0]][0].float() / 255  # (N, 3, H, W)
     assert (first_images[0] - first_images[1]).abs().max() > 0.1  # two different scenes
 
     before = parameters(policy)
     metrics = policy_update(policy, make_optimizer(policy, cfg.algorithm), samples, cfg.algorithm, "cpu")
     assert abs(metrics["policy/ratio_max"] - 1.0) <= 1e-5  # first minibatch: ratio 1
-    assert metrics["update/num_samples"] == 2 * NUM_ENVS
+    assert metrics["update/num_samples"] == 3
     changed = moved(policy, before)
     trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
     expert = {name for name in trainable if name.startswith("adapter.")}
@@ -283,7 +286,7 @@ def test_one_grpo_iteration_starts_group_members_identically(grpo_run):
     for key in (*IMAGE_KEYS, OBS_STATE):
         first = batch.observations[key][0]  # (N, ...)
         assert torch.equal(first[0], first[1]), key
-    assert batch.observations[IMAGE_KEYS[0]][0].std() > 0.05  # a rendered scene, not a blank frame
+    assert (batch.observations[IMAGE_KEYS[0]][0].float() / 255).std() > 0.05  # a scene, not a blank frame
     # The group's init state came from its seed (7 % 50), then LeRobot advanced both ids by n_envs.
     assert grpo_run["init_state_ids"] == (GRPO_SEED + NUM_ENVS,) * NUM_ENVS
     # Member 0 ran into the time limit, member 1 "succeeded" at step 4: returns 0 and 1.
@@ -348,3 +351,46 @@ def test_evaluation_episode_i_starts_from_init_state_i(grpo_run, monkeypatch):
     assert overall.successes == results[0].successes and overall.mean_length == results[0].mean_length
     assert suite.per_suite()[SUITE].n_episodes == NUM_ENVS
     assert np.isfinite(overall.ci_low) and overall.ci_low <= overall.success_rate <= overall.ci_high
+
+
+def grpo_round_and_evaluation(cfg, policy, processors, num_workers: int) -> dict:
+    """A GRPO collection (one group, init state from its seed) and one evaluation round (episode i from
+    init state i), recording every evaluation reset; the policy's noise drawn here from fixed seeds."""
+    collector, envs = build_collector(
+        cfg,
+        policy,
+        *processors,
+        num_envs=NUM_ENVS,
+        device=torch.device("cpu"),
+        seed=GRPO_SEED,
+        num_workers=num_workers,
+    )
+    try:
+        torch.manual_seed(0)
+        _, batches, _ = collect_samples(cfg, collector)
+        group_ids = collector.vec_env.get_attr("init_state_id")
+        calls = []
+        torch.manual_seed(1)
+        result = evaluate(
+            collector, NUM_ENVS, 100, before_reset=spy_on(evaluation_reset_hook(cfg.env, 100), calls)
+        )
+    finally:
+        close_envs(envs)
+    return {"batch": batches[0], "group_ids": group_ids, "calls": calls, "result": result}
+
+
+def test_env_workers_keep_grpo_groups_and_the_evaluation_init_state_order(checkpoint):
+    cfg = train_config(GRPOConfig(group_size=NUM_ENVS, **update_settings()))
+    policy, preprocessor, postprocessor = load(checkpoint, cfg)
+    here = grpo_round_and_evaluation(cfg, policy, (preprocessor, postprocessor), num_workers=0)
+    workers = grpo_round_and_evaluation(cfg, policy, (preprocessor, postprocessor), num_workers=2)
+    for key, value in here["batch"].observations.items():  # bit-identical cameras and state
+        assert torch.equal(value, workers["batch"].observations[key]), key
+    first = workers["batch"].observations[IMAGE_KEYS[0]][0]
+    assert torch.equal(first[0], first[1])  # both group members start from the group's scene
+    for name in ("rewards", "mask", "terminated", "truncated", "logprobs"):
+        assert torch.equal(getattr(here["batch"], name), getattr(workers["batch"], name)), name
+    assert workers["group_ids"] == here["group_ids"] == (GRPO_SEED + NUM_ENVS,) * NUM_ENVS
+    assert workers["calls"] == here["calls"] == [([100, 101], (0, 1))]
+    assert workers["result"].successes == here["result"].successes
+    assert workers["result"].mean_length == here["result"].mean_length

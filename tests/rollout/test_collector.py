@@ -62,29 +62,38 @@ def test_sparse_reward_is_paid_once_at_the_first_success():
     assert batch.episode_returns.tolist() == [1.0, 1.0]
 
 
-def test_continuous_rollout_restarts_finished_envs_with_fresh_seeds_at_chunk_boundaries():
+def test_continuous_rollout_restarts_finished_envs_with_fresh_seeds_one_decision_later():
     collector = make_collector(seed=0)
     first = collector.collect(6, "flow_sde")
     state = first.observations["observation.state"]  # (T, N, 3): (step, seed, 0)
-    # env 0: seed 0 succeeds in decision 2, restarts with seed 2 at decision 3.
-    assert state[:, 0, 1].tolist() == [0, 0, 0, 2, 2, 2]
-    assert state[:, 0, 0].tolist() == [0, 2, 4, 0, 2, 4]
-    # env 1: seed 1 truncates in decision 4, restarts with seed 3 at decision 5.
-    assert state[:, 1, 1].tolist() == [1, 1, 1, 1, 1, 3]
-    assert first.mask.all()
+    # env 0: seed 0 succeeds in decision 2, sits out decision 3 while it is reset with seed 2, and runs
+    # its new episode from decision 4.
+    assert state[:, 0, 1].tolist() == [0, 0, 0, 0, 2, 2]
+    assert state[:, 0, 0].tolist() == [0, 2, 4, 6, 0, 2]  # decision 3 sees the frozen final obs
+    # env 1: seed 1 truncates in decision 4, sits out decision 5 (reset with seed 3 after it).
+    assert state[:, 1, 1].tolist() == [1, 1, 1, 1, 1, 1]
+    expected_mask = torch.ones(6, 2, dtype=torch.bool)
+    expected_mask[3, 0] = expected_mask[5, 1] = False
+    assert torch.equal(first.mask, expected_mask)
     assert first.terminated[2, 0] and first.truncated[4, 1]
+    assert not (first.terminated | first.truncated)[~first.mask].any()  # a sat-out row ends nothing
+    assert first.rewards[3, 0] == 0.0 and first.rewards[5, 1] == 0.0
     assert first.next_values[4, 1] == pytest.approx(value_of(collector, 9.0, 1.0), abs=1e-6)
     # the last decision bootstraps on the observation the rollout stopped at
-    assert first.next_values[5, 1] == pytest.approx(value_of(collector, 2.0, 3.0), abs=1e-6)
+    assert first.next_values[5, 0] == pytest.approx(value_of(collector, 4.0, 2.0), abs=1e-6)
     assert first.episode_done.tolist() == [True, True, False, False]
-    assert first.episode_index[:, 0].tolist() == [0, 0, 0, 2, 2, 2]
+    assert first.episode_index[:, 0].tolist() == [0, 0, 0, -1, 2, 2]
+    assert first.episode_index[:, 1].tolist() == [1, 1, 1, 1, 1, -1]
+    assert first.env_steps == int(first.episode_lengths.sum())
 
     # The running episodes continue in the next rollout with their partial returns and lengths.
     second = collector.collect(3, "flow_sde")
-    assert second.observations["observation.state"][0, 1].tolist() == [2.0, 3.0, 0.0]
-    # seed 3 succeeds at its step 5, i.e. in the second decision of this rollout
-    assert second.terminated[1, 1] and second.episode_success[1]
-    assert second.episode_lengths[1] == 5
+    assert second.observations["observation.state"][0, 1].tolist() == [0.0, 3.0, 0.0]
+    assert second.observations["observation.state"][0, 0].tolist() == [4.0, 2.0, 0.0]
+    # seed 3 succeeds at its step 5, i.e. in the third decision of this rollout
+    assert second.terminated[2, 1] and second.episode_success[1]
+    assert second.truncated[2, 0] and second.episode_lengths.tolist()[:2] == [9, 5]  # 4 steps + 5 now
+    assert second.mask.all()
 
 
 def test_actions_reach_the_env_postprocessed_and_chunked():

@@ -2,6 +2,7 @@
 
 Shape legend
     M  valid decisions (rows whose mask is True), flattened over (T, N)
+    R  stored observation rows (T*N of a rollout: the samples index them instead of copying)
     K  denoising steps, H chunk_size, A model action width
 """
 
@@ -12,23 +13,28 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from lerobot_pirl.rollout.batch import RolloutBatch
+from lerobot_pirl.rollout.batch import RolloutBatch, expand_observation
 
 
 @dataclass
 class UpdateSamples:
-    observations: dict[str, Tensor]  # each (M, ...)
+    observations: dict[str, Tensor]  # each (R, ...), as stored (images uint8)
     chains: Tensor  # (M, K+1, H, A)
     step_index: Tensor  # (M,)
     old_logprobs: Tensor  # (M,)
     old_values: Tensor  # (M,)
     advantages: Tensor  # (M,)
     returns: Tensor  # (M,)
+    observation_rows: Tensor | None = None  # (M,) int64: sample i reads observation row i or this row
+
+    def __post_init__(self):
+        if self.observation_rows is None:
+            self.observation_rows = torch.arange(len(self.chains))
 
     @classmethod
     def tensor_fields(cls) -> tuple[str, ...]:
         """Every field but the observations, in declaration order."""
-        return tuple(f.name for f in fields(cls) if f.name != "observations")
+        return tuple(f.name for f in fields(cls) if f.name not in ("observations", "observation_rows"))
 
     @classmethod
     def from_rollout(
@@ -36,7 +42,8 @@ class UpdateSamples:
     ) -> UpdateSamples:
         """advantages, returns: (T, N); keep: optional (T, N) bool further restricting batch.mask.
 
-        One gather per tensor: the (T, N) storage is viewed as (T*N, ...) and indexed by the valid rows.
+        One gather per (T, N) tensor; the observations stay in the rollout's storage, viewed as
+        (T*N, ...) and indexed by the valid rows at each minibatch.
         """
         valid = batch.mask if keep is None else batch.mask & keep
         rows = valid.reshape(-1).nonzero().squeeze(1)  # (M,) into the flattened (T*N) rows
@@ -45,7 +52,8 @@ class UpdateSamples:
             return tensor.flatten(0, 1)[rows.to(tensor.device)]
 
         return cls(
-            observations={k: gather(v) for k, v in batch.observations.items()},
+            observations={k: v.flatten(0, 1) for k, v in batch.observations.items()},
+            observation_rows=rows,
             chains=gather(batch.chains),
             step_index=gather(batch.step_index),
             old_logprobs=gather(batch.logprobs),
@@ -58,9 +66,18 @@ class UpdateSamples:
     def concatenate(cls, parts: list[UpdateSamples]) -> UpdateSamples:
         if len(parts) == 1:
             return parts[0]
+        parts = [p.compacted() for p in parts]  # only the rows in use are copied, in sample order
         return cls(
             observations={k: torch.cat([p.observations[k] for p in parts]) for k in parts[0].observations},
             **{name: torch.cat([getattr(p, name) for p in parts]) for name in cls.tensor_fields()},
+        )
+
+    def compacted(self) -> UpdateSamples:
+        """The same samples with their own observation rows only (R = M), e.g. to send them."""
+        rows = self.observation_rows
+        return self.replace(
+            observations={k: v[rows.to(v.device)] for k, v in self.observations.items()},
+            observation_rows=None,
         )
 
     def replace(self, **changes: Tensor) -> UpdateSamples:
@@ -69,8 +86,12 @@ class UpdateSamples:
     def __len__(self) -> int:
         return self.chains.shape[0]
 
-    def select(self, index: Tensor, device: torch.device | str) -> UpdateSamples:
+    def select(self, index: Tensor, device: torch.device | str, *, expand: bool = True) -> UpdateSamples:
+        """Samples `index` on `device`; `expand`: observations as the policy reads them (images float32,
+        converted there, once per micro-batch), else as stored."""
+        rows = self.observation_rows[index]
+        stored = {k: v[rows.to(v.device)].to(device) for k, v in self.observations.items()}
         return UpdateSamples(
-            observations={k: v[index].to(device) for k, v in self.observations.items()},
+            observations=expand_observation(stored) if expand else stored,
             **{name: getattr(self, name)[index].to(device) for name in self.tensor_fields()},
         )

@@ -90,6 +90,7 @@ class Actor:
             num_envs=cfg.rollout.num_envs,
             device=self.device,
             storage_device=cfg.rollout.storage_device,
+            num_workers=cfg.rollout.num_workers,
         )
         self.receiver = ParameterReceiver(
             self.client,

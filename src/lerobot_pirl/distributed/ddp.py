@@ -101,6 +101,7 @@ def close_distributed(ctx: DistContext) -> None:
 
 
 def encode_samples(samples: UpdateSamples) -> bytes:
+    samples = samples.compacted()  # the rows in use only
     tensors = {name: getattr(samples, name) for name in UpdateSamples.tensor_fields()}
     tensors.update({f"observations/{k}": v for k, v in samples.observations.items()})
     return encode_payload(tensors, {"kind": SAMPLES_KIND})
@@ -157,7 +158,7 @@ def shard_samples(samples: UpdateSamples, ctx: DistContext, generator: torch.Gen
     usable = len(samples) - len(samples) % ctx.world_size
     if usable < len(samples):
         logger.debug("left %d of %d samples out to shard evenly", len(samples) - usable, len(samples))
-    return samples.select(order[:usable][ctx.rank :: ctx.world_size], "cpu")
+    return samples.select(order[:usable][ctx.rank :: ctx.world_size], "cpu", expand=False)
 
 
 class _Evaluate(nn.Module):

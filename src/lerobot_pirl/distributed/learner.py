@@ -99,9 +99,8 @@ class ActorServer:
         preprocessed tensors (from an eval env, through the same processors as the actors')."""
         trainer, rollout = self.trainer, self.trainer.cfg.rollout
         sizes = trainer.policy.adapter.sizes
-        collector = trainer.eval_collector
-        observation = collector.reset([trainer.cfg.eval.seed + i for i in range(collector.num_envs)])
-        with torch.no_grad():
+        with trainer.evaluation_collector() as collector, torch.no_grad():
+            observation = collector.reset([trainer.cfg.eval.seed + i for i in range(collector.num_envs)])
             inputs = ChunkCollector._storable(collector.policy_inputs(observation))
         return RolloutSpec(
             num_envs=rollout.num_envs,

@@ -199,12 +199,15 @@ class _LiberoVectorEnvBuilder:
     only when asked for and n_envs > 1, else SyncVectorEnv with NEXT_STEP autoreset.
     """
 
-    def __init__(self, use_async_envs: bool, fast_render: bool):
+    def __init__(self, use_async_envs: bool, fast_render: bool, worker_env_cls=None):
         self.use_async_envs = use_async_envs
         self.fast_render = fast_render
+        self.worker_env_cls = worker_env_cls  # env workers (rollout/workers.py) instead of either
 
     def __call__(self, env_fns: Sequence[Callable[[], gym.Env]]):
         env_fns = [partial(make_libero_rollout_env, env_fn, self.fast_render) for env_fn in env_fns]
+        if self.worker_env_cls is not None:
+            return self.worker_env_cls(env_fns)
         if self.use_async_envs and len(env_fns) > 1:
             return _LazyAsyncVectorEnv(env_fns)
         return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
@@ -216,6 +219,7 @@ def make_libero_envs(
     use_async_envs: bool = False,
     *,
     fast_render: bool = False,
+    worker_env_cls=None,
 ) -> dict[str, dict[int, Any]]:
     """LeRobot's LIBERO vector envs, `{suite: {task_id: vector_env}}`, for rollouts.
 
@@ -232,7 +236,7 @@ def make_libero_envs(
         camera_name=env_cfg.camera_name,
         init_states=env_cfg.init_states,
         gym_kwargs=env_cfg.gym_kwargs,
-        env_cls=_LiberoVectorEnvBuilder(use_async_envs, fast_render),
+        env_cls=_LiberoVectorEnvBuilder(use_async_envs, fast_render, worker_env_cls),
         control_mode=env_cfg.control_mode,
         episode_length=env_cfg.episode_length,
         camera_name_mapping=env_cfg.camera_name_mapping,

@@ -294,8 +294,10 @@ class MetaWorldStateEnvConfig(EnvConfig):
         }
 
     def create_envs(
-        self, n_envs: int, use_async_envs: bool = False
+        self, n_envs: int, use_async_envs: bool = False, env_cls=None
     ) -> dict[str, dict[int, gym.vector.VectorEnv]]:
+        """LeRobot's `{type: {0: vector_env}}`; `env_cls` (a callable over the n_envs factories, as in
+        LeRobot's own env builders) replaces the Sync/Async choice, e.g. by env workers."""
         if n_envs < 1:
             raise ValueError(f"n_envs must be at least 1, got {n_envs}")
         # Sub-envs freeze at the end of an episode until an explicit new rollout (LeRobot's wrapper): the
@@ -305,7 +307,9 @@ class MetaWorldStateEnvConfig(EnvConfig):
             for _ in range(n_envs)
         ]
         autoreset_mode = gym.vector.AutoresetMode.SAME_STEP
-        if use_async_envs and n_envs > 1:
+        if env_cls is not None:
+            vector_env = env_cls(env_fns)
+        elif use_async_envs and n_envs > 1:
             # forkserver: workers start clean, without the parent's MuJoCo/GL state (as LeRobot does).
             vector_env = gym.vector.AsyncVectorEnv(
                 env_fns, context="forkserver", autoreset_mode=autoreset_mode

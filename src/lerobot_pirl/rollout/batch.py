@@ -24,7 +24,9 @@ def _per(kind: str, dtype: torch.dtype):
 
 @dataclass
 class RolloutBatch:
-    observations: dict[str, Tensor]  # each (T, N, ...): the policy-preprocessed observation of decision t
+    # each (T, N, ...): the policy-preprocessed observation of decision t, images as uint8 where exact
+    # (`compact_observation`; `expand_observation` gives the policy's float32 back)
+    observations: dict[str, Tensor]
     chains: Tensor  # (T, N, K+1, H, A) denoising chains, float
     step_index: Tensor = _per("decision", torch.int64)  # Flow-SDE's stochastic step k*
     logprobs: Tensor = _per("decision", torch.float32)  # log-prob at collection time
@@ -59,3 +61,29 @@ PER_EPISODE_DTYPES = {
     f.name: f.metadata["dtype"] for f in fields(RolloutBatch) if f.metadata.get("per") == "episode"
 }
 TENSOR_FIELDS = ("chains", *PER_DECISION_DTYPES, *PER_EPISODE_DTYPES)  # every tensor but the observations
+
+
+IMAGE_LEVELS = 255  # LeRobot's `preprocess_observation` turns uint8 pixels into float32 k / 255
+
+
+def compact_observation(observation: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Camera images (float (B, C, H, W) tensors holding exactly k / 255) as uint8 k: 4x smaller, and
+    `expand_observation` restores the very same float32 values. Anything else is kept as it is."""
+    compact = {}
+    for key, value in observation.items():
+        if value.ndim == 4 and value.dtype == torch.float32:
+            levels = (value * IMAGE_LEVELS).round_()
+            exact = bool(levels.min() >= 0) and bool(levels.max() <= IMAGE_LEVELS)
+            if exact and torch.equal(levels.to(torch.uint8).to(torch.float32) / IMAGE_LEVELS, value):
+                compact[key] = levels.to(torch.uint8)
+                continue
+        compact[key] = value
+    return compact
+
+
+def expand_observation(observation: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The policy's float32 inputs from a rollout's stored observation (the inverse of compact)."""
+    return {
+        key: value.to(torch.float32) / IMAGE_LEVELS if value.dtype == torch.uint8 else value
+        for key, value in observation.items()
+    }

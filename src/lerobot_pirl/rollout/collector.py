@@ -14,6 +14,11 @@ Episode boundaries are aligned to chunks: every sub-env is wrapped in LeRobot's
 terminal transition (reward 0) instead of running stale actions in a new episode; at the chunk
 boundary the finished sub-envs are reset explicitly. The frozen observation is the episode's final
 observation, whose value bootstraps a time-limit truncation.
+
+In the continuous (PPO) mode a finished sub-env sits out the next decision (its row is masked) and is
+reset right after that decision's chunk, in its env worker when there are workers. The reset then runs
+while the policy computes and the other envs step, instead of every env waiting for it (issue 13: one
+LIBERO reset took 6-7 s against a 1 s vector step). It costs each episode one decision slot.
 """
 
 from __future__ import annotations
@@ -25,12 +30,14 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from lerobot.envs.utils import NEW_ROLLOUT_OPTION, FreezeAfterEpisodeEnd, preprocess_observation
+from lerobot.envs.utils import FreezeAfterEpisodeEnd, preprocess_observation
 from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lerobot_pirl.rl_policy import FlowRLPolicy, SampleMode
-from lerobot_pirl.rollout.batch import PER_DECISION_DTYPES, RolloutBatch
+from lerobot_pirl.rollout.batch import PER_DECISION_DTYPES, RolloutBatch, compact_observation
+from lerobot_pirl.rollout.chunks import ChunkOutcome, RewardRules, render_frames, reset_envs, run_chunk
+from lerobot_pirl.rollout.workers import ShardedVectorEnv
 
 Pipeline = Callable[[Any], Any]
 # The (T, N) fields of RolloutBatch written per decision; next_values is derived from them at the end.
@@ -63,17 +70,6 @@ def freeze_finished_episodes(vec_env: gym.vector.VectorEnv) -> gym.vector.Vector
     return vec_env
 
 
-def step_success(info: dict, num_envs: int) -> np.ndarray:
-    """(N,) bool success flags of one vector step, whether the info is flat or in `final_info`."""
-    success = np.zeros(num_envs, dtype=bool)
-    for source in (info, info.get("final_info", {})):
-        if isinstance(source, dict) and "is_success" in source:
-            flags = np.asarray(source["is_success"], dtype=bool).reshape(-1)
-            present = np.asarray(source.get("_is_success", np.ones(num_envs, dtype=bool)), dtype=bool)
-            success |= flags & present
-    return success
-
-
 @dataclass
 class EpisodeStats:
     """Per-episode accumulators of one rollout, indexed by the episode's slot."""
@@ -95,7 +91,8 @@ class ChunkCollector:
     """Runs a FlowRLPolicy in a LeRobot vector env, one action chunk per decision.
 
     Args:
-        vec_env: a LeRobot vector env (from `EnvConfig.create_envs` / `make_env`).
+        vec_env: a LeRobot vector env (from `EnvConfig.create_envs` / `make_env`), or a
+            `ShardedVectorEnv` whose workers run each chunk (`--rollout.num_workers`).
         policy: the FlowRLPolicy.
         preprocessor, postprocessor: the policy's own LeRobot processor pipelines.
         env_preprocessor, env_postprocessor: the env's processors (`make_env_pre_post_processors`).
@@ -131,13 +128,13 @@ class ChunkCollector:
         self.env_postprocessor = env_postprocessor or _identity
         self.device = torch.device(device)
         self.storage_device = torch.device(storage_device)
-        self.sparse_reward = sparse_reward
-        self.reward_scale = reward_scale
-        self.end_on_success = end_on_success
+        self.rules = RewardRules(sparse_reward, reward_scale, end_on_success)
         self.next_seed = seed
         self.tasks = self._task_descriptions()
         self._observation: dict | None = None  # raw vector-env observation of the continuous mode
-        self._carry: list[tuple[float, bool, int]] = []  # (return, success, length) of running episodes
+        self._carry: list[tuple[float, bool, int] | None] = []  # running episodes (return, success, length)
+        self._pending_seeds: list[int | None] = [None] * self.num_envs  # resets due after the next chunk
+        self.recorded_frames: list[list[np.ndarray]] = []  # per recorded env, after collect_episodes
 
     # ---- env plumbing -------------------------------------------------------------------------------
 
@@ -156,11 +153,7 @@ class ChunkCollector:
 
     def reset(self, seeds: list[int] | None = None, mask: np.ndarray | None = None) -> dict:
         """Reset all sub-envs, or those in `mask`, starting genuinely new episodes."""
-        options: dict[str, Any] = {NEW_ROLLOUT_OPTION: True}
-        if mask is not None:
-            options["reset_mask"] = mask
-        observation, _ = self.vec_env.reset(seed=seeds, options=options)
-        return observation
+        return reset_envs(self.vec_env, seeds, mask)
 
     def policy_inputs(self, observation: dict) -> dict[str, Tensor]:
         """Raw vector-env observation -> the policy's preprocessed batch (LeRobot's eval path)."""
@@ -180,52 +173,27 @@ class ChunkCollector:
 
     @staticmethod
     def _storable(batch: dict) -> dict[str, Tensor]:
-        return {k: v for k, v in batch.items() if isinstance(v, Tensor)}
-
-    # ---- one decision -------------------------------------------------------------------------------
+        """The tensors of a policy batch as the rollout keeps them (camera images as uint8 where exact)."""
+        return compact_observation({k: v for k, v in batch.items() if isinstance(v, Tensor)})
 
     def _run_chunk(
         self,
         env_actions: np.ndarray,
         active: np.ndarray,
         succeeded: np.ndarray,
-        on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
-    ) -> dict[str, np.ndarray | dict]:
-        """Execute C steps. `active` (N,): the env's episode is running at the chunk start;
-        `succeeded` (N,): it already succeeded (the sparse reward is paid once, at the first success)."""
-        num_steps = env_actions.shape[0]
-        reward = np.zeros(self.num_envs, dtype=np.float64)
-        success = np.zeros(self.num_envs, dtype=bool)
-        terminated = np.zeros(self.num_envs, dtype=bool)
-        truncated = np.zeros(self.num_envs, dtype=bool)
-        steps_taken = np.zeros(self.num_envs, dtype=np.int64)
-        running = active.copy()
-        observation = None
-        for c in range(num_steps):
-            observation, step_reward, step_terminated, step_truncated, info = self.vec_env.step(
-                env_actions[c]
-            )
-            if on_step is not None:
-                on_step(self.vec_env)
-            step_succeeded = step_success(info, self.num_envs) & running
-            steps_taken += running
-            if self.sparse_reward:
-                reward += (step_succeeded & ~succeeded & ~success).astype(np.float64)
-            else:
-                reward += np.where(running, self.reward_scale * np.asarray(step_reward), 0.0)
-            success |= step_succeeded
-            ends_by_success = step_succeeded & self.end_on_success
-            terminated |= running & (np.asarray(step_terminated, dtype=bool) | ends_by_success)
-            truncated |= running & np.asarray(step_truncated, dtype=bool) & ~terminated
-            running &= ~(terminated | truncated)
-        return {
-            "observation": observation,
-            "reward": reward,
-            "success": success,
-            "terminated": terminated,
-            "truncated": truncated,
-            "steps": steps_taken,
-        }
+        reset_seeds: list[int | None] | None = None,
+        render_count: int = 0,
+    ) -> tuple[dict, ChunkOutcome]:
+        """C env steps, then the due resets: in the env workers, or here (rollout/chunks.py)."""
+        args = (env_actions, active, succeeded, self.rules, reset_seeds, render_count)
+        if isinstance(self.vec_env, ShardedVectorEnv):
+            return self.vec_env.run_chunk(*args)
+        return run_chunk(self.vec_env, *args)
+
+    def _render(self, count: int) -> list[np.ndarray] | None:
+        if isinstance(self.vec_env, ShardedVectorEnv):
+            return self.vec_env.render_frames(count)
+        return render_frames(self.vec_env, count)
 
     # ---- rollouts -----------------------------------------------------------------------------------
 
@@ -238,10 +206,14 @@ class ChunkCollector:
         if self._observation is None:
             self._observation = self.reset(self.take_seeds(self.num_envs))
             self._carry = [(0.0, False, 0)] * self.num_envs
+            self._pending_seeds = [None] * self.num_envs
         stats = EpisodeStats()
-        slot = np.array([stats.start(*carried) for carried in self._carry], dtype=np.int64)
+        # An env whose reset is still pending has no running episode until that reset is done.
+        slot = np.array([-1 if c is None else stats.start(*c) for c in self._carry], dtype=np.int64)
         batch = self._rollout(num_decisions, mode, stats, slot, continuous=True)
-        self._carry = [(stats.returns[i], stats.success[i], stats.lengths[i]) for i in slot]
+        self._carry = [
+            None if i < 0 else (stats.returns[i], stats.success[i], stats.lengths[i]) for i in slot
+        ]
         return batch
 
     def collect_episodes(
@@ -250,27 +222,31 @@ class ChunkCollector:
         mode: SampleMode,
         max_decisions: int | None = None,
         before_reset: Callable[[gym.vector.VectorEnv, list[int]], None] | None = None,
-        on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
+        record: int = 0,
     ) -> RolloutBatch:
         """Episodic mode (GRPO, evaluation): one episode per env from the given seeds, masked after its end.
 
-        `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states); `on_step(vec_env)`
-        runs after the reset and after every env step (e.g. to record video frames). Leaves the
-        continuous mode to restart from fresh resets.
+        `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states). `record` > 0
+        keeps RGB frames of the first `record` envs in `recorded_frames` (the reset frame, then one per
+        env step; none when the env does not render). Leaves the continuous mode to restart from fresh
+        resets.
         """
         if len(seeds) != self.num_envs:
             raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
         if before_reset is not None:
             before_reset(self.vec_env, seeds)
         self._observation = self.reset(list(seeds))
-        if on_step is not None:
-            on_step(self.vec_env)
+        record = min(record, self.num_envs)
+        first_frames = self._render(record) if record else None
+        self.recorded_frames = [[frame] for frame in first_frames] if first_frames else []
         stats = EpisodeStats()
         slot = np.array([stats.start() for _ in range(self.num_envs)], dtype=np.int64)
         if max_decisions is None:
             max_steps = int(np.max(self.vec_env.call("_max_episode_steps")))
             max_decisions = -(-max_steps // self.policy.n_action_steps) + 1
-        batch = self._rollout(max_decisions, mode, stats, slot, continuous=False, on_step=on_step)
+        batch = self._rollout(
+            max_decisions, mode, stats, slot, continuous=False, record=len(self.recorded_frames)
+        )
         self._observation = None  # the continuous mode must not resume from these frozen envs
         return batch
 
@@ -281,46 +257,60 @@ class ChunkCollector:
         stats: EpisodeStats,
         slot: np.ndarray,
         continuous: bool,
-        on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
+        record: int = 0,
     ) -> RolloutBatch:
-        """`slot` (N,): each env's running episode in `stats`, updated as episodes restart."""
-        active = np.ones(self.num_envs, dtype=bool)  # the env's episode is still running (episodic mode)
+        """`slot` (N,): each env's running episode in `stats` (-1: none yet), updated as episodes restart."""
+        active = slot >= 0  # the env's episode is running (episodic mode: until it ends)
         store: dict[str, Any] = {}  # (T, N, ...) storage, allocated at the first decision
         env_steps, decisions = 0, 0
         for t in range(num_decisions):
             if not continuous and not active.any():
                 break
+            reset_seeds = None
+            if continuous:
+                reset_seeds = self._pending_seeds
+                active = np.array([seed is None for seed in reset_seeds])  # resetting envs sit this one out
+                self._pending_seeds = [None] * self.num_envs
             batch = self.policy_inputs(self._observation)
             sample = self.policy.sample(batch, mode)
             observation = self._storable(batch)
             if not store:
                 store = self._allocate(num_decisions, observation, sample.chain)
-            succeeded = np.array([stats.success[i] for i in slot])
-            outcome = self._run_chunk(self.to_env_actions(sample.actions), active, succeeded, on_step)
-            self._observation = outcome["observation"]
+            succeeded = np.array([stats.success[i] if i >= 0 else False for i in slot])
+            self._observation, outcome = self._run_chunk(
+                self.to_env_actions(sample.actions), active, succeeded, reset_seeds, record
+            )
+            if record:
+                if outcome.frames is None:
+                    self.recorded_frames, record = [], 0  # this env does not render: no videos
+                else:
+                    for frames, new in zip(self.recorded_frames, outcome.frames, strict=True):
+                        frames.extend(new)
 
             for env in np.flatnonzero(active):
                 episode = slot[env]
-                stats.returns[episode] += float(outcome["reward"][env])
-                stats.lengths[episode] += int(outcome["steps"][env])
-                stats.success[episode] |= bool(outcome["success"][env])
-            env_steps += int(outcome["steps"].sum())
-            ended = outcome["terminated"] | outcome["truncated"]
+                stats.returns[episode] += float(outcome.reward[env])
+                stats.lengths[episode] += int(outcome.steps[env])
+                stats.success[episode] |= bool(outcome.success[env])
+            env_steps += int(outcome.steps.sum())
+            ended = outcome.terminated | outcome.truncated
 
-            truncated_now = outcome["truncated"] & active
+            truncated_now = outcome.truncated & active
             if truncated_now.any() and self.policy.value_head is not None:
                 final_inputs = self.policy_inputs(self._observation)  # frozen envs show their final obs
                 final_value = self.policy.value(final_inputs).float().cpu() * torch.from_numpy(truncated_now)
                 store["final_values"][t] = final_value  # V(final obs) where truncated, else 0
 
             for key, value in observation.items():
+                if value.dtype != store["observations"][key].dtype:
+                    raise RuntimeError(f"{key} changed dtype during the rollout ({value.dtype})")
                 store["observations"][key][t] = value
             store["chains"][t] = sample.chain
             store["step_index"][t] = sample.step_index
             store["logprobs"][t] = sample.logprob
             store["values"][t] = sample.value
-            store["rewards"][t] = torch.from_numpy(outcome["reward"])
-            store["terminated"][t] = torch.from_numpy(outcome["terminated"] & active)
+            store["rewards"][t] = torch.from_numpy(outcome.reward)
+            store["terminated"][t] = torch.from_numpy(outcome.terminated & active)
             store["truncated"][t] = torch.from_numpy(truncated_now)
             store["mask"][t] = torch.from_numpy(active)
             store["episode_index"][t] = torch.from_numpy(np.where(active, slot, -1))
@@ -330,14 +320,13 @@ class ChunkCollector:
             for env in np.flatnonzero(finished):
                 stats.done[slot[env]] = True
             if continuous:
-                if finished.any():
-                    seeds = [None] * self.num_envs
-                    for env, seed in zip(
-                        np.flatnonzero(finished), self.take_seeds(int(finished.sum())), strict=True
-                    ):
-                        seeds[env] = seed
+                for env, seed in enumerate(reset_seeds):
+                    if seed is not None:  # reset after this chunk: its new episode starts now
                         slot[env] = stats.start()
-                    self._observation = self.reset(seeds, mask=finished)
+                finished_envs = np.flatnonzero(finished)
+                for env, seed in zip(finished_envs, self.take_seeds(len(finished_envs)), strict=True):
+                    self._pending_seeds[env] = seed
+                    slot[env] = -1
             else:
                 active &= ~finished
 

@@ -59,7 +59,10 @@ def _default_env() -> EnvConfig:
 @dataclass
 class RolloutConfig:
     num_envs: int = 32  # parallel envs for training rollouts
-    use_async_envs: bool = False  # one process per env (worth it when one env step is slow, e.g. LIBERO)
+    # Env worker processes, each stepping a contiguous shard of the envs; 0 = in this process; None = one
+    # per core (at most one per env) for metaworld_state, metaworld and libero, else 0.
+    num_workers: int | None = None
+    use_async_envs: bool = False  # LeRobot's one process per env (exclusive with num_workers)
     # PPO: action chunks per env per iteration (episodes carry over); 50 = one 200-step MetaWorld episode
     # at C = 4, so every update sees about one outcome per env.
     decisions_per_env: int = 50
@@ -82,6 +85,8 @@ class EvalConfig:
     freq: int = 10  # iterations between deterministic evaluations (0 = only at start and end)
     n_episodes: int = 50
     batch_size: int = 10  # parallel eval envs
+    # Env workers for evaluation (as --rollout.num_workers); started at each evaluation, closed after it.
+    num_workers: int | None = None
     seed: int = 100_000  # eval episode i uses seed + i: the same episodes for every checkpoint
     videos: int = 2  # episodes to record per evaluation (when the env renders)
 
@@ -144,6 +149,7 @@ class TrainConfig:
                 "reward makes ending early at success worth less than lingering; consider "
                 "--rollout.end_on_success=false"
             )
+        self.resolve_num_workers()
         if self.algorithm.type == "grpo" and self.rollout.num_envs % self.algorithm.group_size:
             raise ConfigError(
                 f"GRPO: --rollout.num_envs={self.rollout.num_envs} must be a multiple of "
@@ -157,6 +163,22 @@ class TrainConfig:
                 raise ConfigError("--resume=true needs the --output_dir of the run to continue")
             now = dt.datetime.now()
             self.output_dir = Path("outputs/train") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
+
+    def resolve_num_workers(self) -> None:
+        """Env workers for training and evaluation: checked when given, the machine's default when not."""
+        from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers
+
+        for flag, section, num_envs in (
+            ("--rollout.num_workers", self.rollout, self.rollout.num_envs),
+            ("--eval.num_workers", self.eval, self.eval.batch_size),
+        ):
+            if section.num_workers is None:
+                section.num_workers = default_num_workers(self.env, num_envs, self.rollout.use_async_envs)
+            check_num_workers(self.env, section.num_workers, num_envs, flag)
+            if section.num_workers > 0 and self.rollout.use_async_envs:
+                raise ConfigError(
+                    f"{flag}={section.num_workers} and --rollout.use_async_envs=true exclude each other"
+                )
 
     def push_to_hub_requested(self) -> bool:
         """Only an explicit `--policy.push_to_hub=true` pushes: a loaded SFT config may carry True and

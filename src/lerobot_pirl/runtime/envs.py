@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -32,6 +33,7 @@ from lerobot.envs.configs import EnvConfig
 from lerobot.envs.factory import make_env
 from lerobot.envs.utils import env_to_policy_features
 
+from lerobot_pirl.rollout.workers import ShardedVectorEnvBuilder, start_forkserver
 from lerobot_pirl.runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,15 @@ logger = logging.getLogger(__name__)
 ResetHook = Callable[[gym.vector.VectorEnv, list[int]], None]
 
 LIBERO_ENV_TYPE = "libero"
+METAWORLD_STATE_ENV_TYPE = "metaworld_state"
+METAWORLD_ENV_TYPE = "metaworld"
+# Env types whose vector envs can be stepped by env workers (`--rollout.num_workers`), with the modules
+# their forkserver imports once for every worker, and the autoreset mode of their in-process vector env.
+WORKER_ENV_TYPES = {
+    METAWORLD_STATE_ENV_TYPE: (("lerobot_pirl.envs.metaworld_state",), gym.vector.AutoresetMode.SAME_STEP),
+    METAWORLD_ENV_TYPE: (("lerobot.envs.metaworld",), gym.vector.AutoresetMode.NEXT_STEP),
+    LIBERO_ENV_TYPE: (("lerobot_pirl.envs.libero_tools",), gym.vector.AutoresetMode.NEXT_STEP),
+}
 
 
 def is_libero(env_cfg: EnvConfig) -> bool:
@@ -56,20 +67,77 @@ def _libero_tools():
     return libero_tools
 
 
+def default_num_workers(env_cfg: EnvConfig, num_envs: int, use_async_envs: bool = False) -> int:
+    """Env workers when `--rollout.num_workers` / `--eval.num_workers` is not given: one per core this
+    process may use, at most one per env, for the env types that gain from it (BENCHMARKS.md, "Env
+    workers"); 0 (in-process) on one core, with LeRobot's async envs, and for other env types."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if use_async_envs or env_cfg.type not in WORKER_ENV_TYPES or cores < 2:
+        return 0
+    return min(cores, num_envs)
+
+
+def check_num_workers(env_cfg: EnvConfig, num_workers: int, num_envs: int, flag: str) -> None:
+    if num_workers < 0:
+        raise ConfigError(f"{flag}={num_workers} must be >= 0 (0 = step the envs in this process)")
+    if num_workers > num_envs:
+        raise ConfigError(f"{flag}={num_workers} is more than the {num_envs} envs it would step")
+    if num_workers > 0 and env_cfg.type not in WORKER_ENV_TYPES:
+        raise ConfigError(
+            f"{flag}={num_workers}: env workers support --env.type in {sorted(WORKER_ENV_TYPES)}, not "
+            f"{env_cfg.type}; use {flag}=0 (or --rollout.use_async_envs=true)"
+        )
+
+
+def start_env_worker_server(env_cfg: EnvConfig) -> None:
+    """Start the forkserver env workers fork from, importing the env's modules in the background, so
+    that this overlaps with loading the policy instead of delaying the first rollout."""
+    if is_libero(env_cfg):
+        _libero_tools()  # LIBERO's first-use setup before the forkserver imports `libero`
+    start_forkserver(WORKER_ENV_TYPES[env_cfg.type][0])
+
+
+def _worker_env_cls(env_cfg: EnvConfig, num_workers: int) -> ShardedVectorEnvBuilder:
+    preload, autoreset_mode = WORKER_ENV_TYPES[env_cfg.type]
+    return ShardedVectorEnvBuilder(
+        num_workers,
+        description=f"{env_cfg.type} {env_cfg.task}",
+        preload=preload,
+        autoreset_mode=autoreset_mode,
+    )
+
+
 def make_rollout_envs(
-    env_cfg: EnvConfig, num_envs: int, use_async_envs: bool, *, fast_render: bool = False
+    env_cfg: EnvConfig,
+    num_envs: int,
+    use_async_envs: bool,
+    *,
+    fast_render: bool = False,
+    num_workers: int = 0,
 ) -> dict:
-    """LeRobot's {suite: {task_id: vec_env}} for `env_cfg`."""
+    """LeRobot's {suite: {task_id: vec_env}} for `env_cfg`; `num_workers` > 0: stepped by env workers."""
+    if num_workers > 0 and use_async_envs:
+        raise ConfigError("env workers and --rollout.use_async_envs=true exclude each other; choose one")
+    worker_env_cls = _worker_env_cls(env_cfg, num_workers) if num_workers > 0 else None
     if is_libero(env_cfg):
         if env_cfg.hard_reset:
             logger.warning(
                 "LIBERO with --env.hard_reset=true rebuilds the simulator at every episode (6-10 s on "
                 "CPU); --env.hard_reset=false restores the init state in ~1 s with the same observations"
             )
-        return _libero_tools().make_libero_envs(env_cfg, num_envs, use_async_envs, fast_render=fast_render)
+        return _libero_tools().make_libero_envs(
+            env_cfg, num_envs, use_async_envs, fast_render=fast_render, worker_env_cls=worker_env_cls
+        )
     if fast_render:
         raise ValueError(f"--rollout.fast_render is not available for --env.type={env_cfg.type}")
-    return make_env(env_cfg, n_envs=num_envs, use_async_envs=use_async_envs)
+    if worker_env_cls is None:
+        return make_env(env_cfg, n_envs=num_envs, use_async_envs=use_async_envs)
+    if env_cfg.type == METAWORLD_STATE_ENV_TYPE:
+        return env_cfg.create_envs(num_envs, env_cls=worker_env_cls)
+    from lerobot.envs.metaworld import create_metaworld_envs
+
+    # The same arguments LeRobot's MetaworldEnv.create_envs passes; only env_cls differs.
+    return create_metaworld_envs(env_cfg.task, num_envs, env_cfg.gym_kwargs, env_cls=worker_env_cls)
 
 
 def env_policy_features(env_cfg: EnvConfig) -> dict[str, PolicyFeature]:

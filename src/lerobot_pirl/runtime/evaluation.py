@@ -7,7 +7,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 from lerobot.utils.io_utils import write_video
 from scipy.stats import binomtest
@@ -54,31 +53,6 @@ class EvalResult:
         return asdict(self)
 
 
-class _FrameRecorder:
-    """Collects RGB frames of the first `count` sub-envs after every step (when the env renders)."""
-
-    def __init__(self, count: int):
-        self.count = count
-        self.frames: list[list[np.ndarray]] = [[] for _ in range(count)]
-        self.enabled = count > 0
-
-    def __call__(self, vec_env: gym.vector.VectorEnv) -> None:
-        if not self.enabled:
-            return
-        try:
-            if isinstance(vec_env, gym.vector.SyncVectorEnv):
-                images = [vec_env.envs[i].render() for i in range(self.count)]
-            else:
-                images = list(vec_env.call("render"))[: self.count]
-        except (AttributeError, NotImplementedError, TypeError):
-            images = [None]
-        if any(image is None for image in images):
-            self.enabled = False  # this env does not render: no videos
-            return
-        for frames, image in zip(self.frames, images, strict=True):
-            frames.append(np.asarray(image))
-
-
 def evaluate(
     collector: ChunkCollector,
     n_episodes: int,
@@ -97,15 +71,15 @@ def evaluate(
     round_index = 0
     while len(successes) < n_episodes:
         seeds = [seed + round_index * num_envs + i for i in range(num_envs)]
-        recorder = _FrameRecorder(min(n_videos, num_envs) if round_index == 0 and video_dir else 0)
-        batch = collector.collect_episodes(seeds, "ode", before_reset=before_reset, on_step=recorder)
+        record = min(n_videos, num_envs) if round_index == 0 and video_dir else 0
+        batch = collector.collect_episodes(seeds, "ode", before_reset=before_reset, record=record)
         take = min(num_envs, n_episodes - len(successes))
         successes += batch.episode_success[:take].tolist()
         returns += batch.episode_returns[:take].tolist()
         lengths += batch.episode_lengths[:take].tolist()
-        if recorder.enabled and video_dir is not None:
+        if record and collector.recorded_frames and video_dir is not None:
             video_dir.mkdir(parents=True, exist_ok=True)
-            for i, frames in enumerate(recorder.frames):
+            for i, frames in enumerate(collector.recorded_frames):
                 # Only the frames of the episode itself: it ends after `length` steps (+ the reset frame).
                 frames = frames[: int(batch.episode_lengths[i]) + 1]
                 path = video_dir / f"{video_prefix}_episode_{i}.mp4"

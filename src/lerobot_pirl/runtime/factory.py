@@ -190,10 +190,16 @@ def build_collector(
     device: torch.device,
     seed: int = 0,
     storage_device: str = "cpu",
+    num_workers: int = 0,
 ) -> tuple[ChunkCollector, dict]:
-    """A ChunkCollector over `num_envs` envs of cfg.env; also returns LeRobot's env dict (to close)."""
+    """A ChunkCollector over `num_envs` envs of cfg.env (stepped by `num_workers` env workers, 0 = here);
+    also returns LeRobot's env dict (to close)."""
     envs = make_rollout_envs(
-        cfg.env, num_envs, cfg.rollout.use_async_envs, fast_render=cfg.rollout.fast_render
+        cfg.env,
+        num_envs,
+        cfg.rollout.use_async_envs,
+        fast_render=cfg.rollout.fast_render,
+        num_workers=num_workers,
     )
     env_pre, env_post = make_env_pre_post_processors(cfg.env, policy.adapter.policy.config)
     collector = ChunkCollector(

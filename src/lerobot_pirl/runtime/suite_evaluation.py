@@ -105,14 +105,25 @@ def evaluate_per_task(
     the next task's are built), `eval_cfg.n_episodes` episodes on `eval_cfg.batch_size` envs each."""
     from lerobot.envs.utils import close_envs
 
+    from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers
     from lerobot_pirl.runtime.factory import build_collector
 
     eval_cfg = eval_cfg or cfg.eval
+    num_workers = eval_cfg.num_workers
+    if num_workers is None:
+        num_workers = default_num_workers(cfg.env, eval_cfg.batch_size, cfg.rollout.use_async_envs)
+    check_num_workers(cfg.env, num_workers, eval_cfg.batch_size, "--eval.num_workers")
     results = SuiteEvalResult()
     for suite, task_id, task_env_cfg in single_task_configs(cfg.env):
         task_cfg = replace(cfg, env=task_env_cfg)
         collector, envs = build_collector(
-            task_cfg, policy, preprocessor, postprocessor, num_envs=eval_cfg.batch_size, device=device
+            task_cfg,
+            policy,
+            preprocessor,
+            postprocessor,
+            num_envs=eval_cfg.batch_size,
+            device=device,
+            num_workers=num_workers,
         )
         try:
             result = evaluate(

@@ -9,11 +9,12 @@ checkpoints, metrics, budget) is this one class for every process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +33,8 @@ from lerobot_pirl.algorithms.update import (
     policy_update,
 )
 from lerobot_pirl.rollout.batch import RolloutBatch
+from lerobot_pirl.rollout.collector import ChunkCollector
+from lerobot_pirl.rollout.workers import EnvWorkerError
 from lerobot_pirl.runtime.checkpoint import (
     TRAIN_CONFIG_FILE,
     TrainerState,
@@ -41,7 +44,7 @@ from lerobot_pirl.runtime.checkpoint import (
     save_config,
 )
 from lerobot_pirl.runtime.config import ConfigError, TrainConfig
-from lerobot_pirl.runtime.envs import episode_reset_hook, evaluation_reset_hook
+from lerobot_pirl.runtime.envs import episode_reset_hook, evaluation_reset_hook, start_env_worker_server
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.factory import (
     build_collector,
@@ -112,6 +115,7 @@ class LocalCollection:
             device=trainer.device,
             seed=trainer.state.next_env_seed,
             storage_device=cfg.rollout.storage_device,
+            num_workers=cfg.rollout.num_workers,
         )
         self.group_reset = functools.partial(episode_reset_hook, cfg.env)  # LIBERO: init state per group
 
@@ -189,6 +193,17 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg.device)
         if main:
             self._check_output_dir()
+        cfg.resolve_num_workers()  # done by validate() for the CLI; a config made in Python may not be
+        if main and max(cfg.rollout.num_workers, cfg.eval.num_workers) > 0:
+            logger.info(
+                "env workers: %d for the %d training envs, %d for the %d evaluation envs "
+                "(--rollout.num_workers, --eval.num_workers; 0 = in this process)",
+                cfg.rollout.num_workers,
+                cfg.rollout.num_envs,
+                cfg.eval.num_workers,
+                cfg.eval.batch_size,
+            )
+            start_env_worker_server(cfg.env)
         set_seed(cfg.seed)
 
         self.resume_from = last_checkpoint(self.output_dir) if cfg.resume else None
@@ -217,15 +232,7 @@ class Trainer:
             self.output_dir / "metrics.jsonl",
             resume_from_iteration=self.state.iteration if self.resume_from is not None else None,
         )
-        self.eval_collector, self.eval_envs = build_collector(
-            cfg,
-            self.policy,
-            self.preprocessor,
-            self.postprocessor,
-            num_envs=cfg.eval.batch_size,
-            device=self.device,
-        )
-        self.source = source(self)  # after the eval envs: the learner probes one for the rollout spec
+        self.source = source(self)
         self.wandb = self._init_wandb()
         save_config(cfg, self.output_dir / TRAIN_CONFIG_FILE)
 
@@ -281,6 +288,11 @@ class Trainer:
             completed = self._budget_spent()
         except NonFiniteLossError:
             logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
+        except EnvWorkerError as worker_error:
+            # The policy and state of the last completed iteration are intact: keep them.
+            error = f"{worker_error} (in iteration {self.state.iteration + 1})"
+            checkpoint_dir = self._save()
+            logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
         finally:
             progress.close()
             self.close(completed)
@@ -288,19 +300,38 @@ class Trainer:
 
     # ---- the steps ----------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def evaluation_collector(self) -> Iterator[ChunkCollector]:
+        """A collector over `--eval.batch_size` envs, built for this use and closed after it, so the
+        evaluation envs (and their workers) hold no memory or processes between evaluations."""
+        collector, envs = build_collector(
+            self.cfg,
+            self.policy,
+            self.preprocessor,
+            self.postprocessor,
+            num_envs=self.cfg.eval.batch_size,
+            device=self.device,
+            num_workers=self.cfg.eval.num_workers,
+        )
+        try:
+            yield collector
+        finally:
+            close_envs(envs)
+
     def evaluate(self, label: str) -> EvalResult:
         """Deterministic episodes `eval.seed + i` (LIBERO: init state i), the same for every checkpoint."""
         eval_cfg = self.cfg.eval
-        return evaluate(
-            self.eval_collector,
-            eval_cfg.n_episodes,
-            eval_cfg.seed,
-            video_dir=self.output_dir / "videos",
-            n_videos=eval_cfg.videos,
-            video_prefix=label,
-            fps=self.cfg.env.fps,
-            before_reset=evaluation_reset_hook(self.cfg.env, eval_cfg.seed),
-        )
+        with self.evaluation_collector() as collector:
+            return evaluate(
+                collector,
+                eval_cfg.n_episodes,
+                eval_cfg.seed,
+                video_dir=self.output_dir / "videos",
+                n_videos=eval_cfg.videos,
+                video_prefix=label,
+                fps=self.cfg.env.fps,
+                before_reset=evaluation_reset_hook(self.cfg.env, eval_cfg.seed),
+            )
 
     def _evaluate_sft(self) -> EvalResult:
         result = self.evaluate("sft")
@@ -356,7 +387,6 @@ class Trainer:
 
     def close(self, completed: bool) -> None:
         self.source.close(completed)
-        close_envs(self.eval_envs)
 
     def _result(
         self, sft: EvalResult | None, final: EvalResult | None, checkpoint_dir: Path | None, error: str | None
