@@ -107,7 +107,7 @@ def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
         "algorithm": algorithm_cfg,
         "rollout": {
             "num_envs": sizes["num_envs"],
-            "use_async_envs": True,  # one process per env: LIBERO steps are render-bound
+            "num_workers": None,  # env workers: one per core, at most one per env
             "decisions_per_env": sizes["rollout_epochs"] * decisions_per_episode,  # PPO
             "episodes_per_env": sizes["rollout_epochs"],  # GRPO
             "n_action_steps": executed,

@@ -36,8 +36,22 @@ from lerobot_pirl.rollout.chunks import ChunkOutcome, RewardRules, render_frames
 
 logger = logging.getLogger(__name__)
 
-# Imported once in the forkserver, before any worker forks from it (what every worker would import).
-DEFAULT_PRELOAD = ("torch", "gymnasium", "lerobot.envs.utils", "lerobot_pirl.rollout.workers")
+# Imported once in the forkserver, before any worker forks from it: what every worker imports, and what
+# the CLI's main modules import, because each child re-runs the parent's main script (Python 3.12's
+# forkserver never preloads "__main__": it looks for a "main_path" key that the preparation data lacks).
+DEFAULT_PRELOAD = (
+    "torch",
+    "gymnasium",
+    "lerobot.envs.utils",
+    "lerobot_pirl.rollout.workers",
+    "lerobot_pirl.runtime.trainer",
+    "lerobot_pirl.distributed.learner",
+    "lerobot_pirl.distributed.actor",
+    "lerobot_pirl.scripts.train",
+    "lerobot_pirl.scripts.learner",
+    "lerobot_pirl.scripts.actor",
+    "lerobot_pirl.scripts.eval",
+)
 START_TIMEOUT_S = 600.0  # building a LIBERO shard can take minutes on a loaded machine
 
 _preload_started = False

@@ -254,6 +254,9 @@ class Trainer:
                     break
                 self.state.env_steps += collected.env_steps
                 samples, sample_stats = self.algorithm.update_samples(collected.batches)  # 2. advantages
+                rollout_row = rollout_metrics(collected.batches)
+                # Free the rollouts before the update allocates; the samples index the observations.
+                collected.batches = []
                 update_start = time.perf_counter()
                 try:
                     update_metrics = self.update(samples)  # 3. update
@@ -269,7 +272,7 @@ class Trainer:
                 self.source.after_update(final_iteration)
                 row = {  # 4. log, evaluate, save
                     **self._iteration_row(collected, update_s),
-                    **rollout_metrics(collected.batches),
+                    **rollout_row,
                     **sample_stats,
                     **update_metrics,
                     **collected.metrics,
