@@ -7,8 +7,9 @@ in collection) gives the env-only rate; one PPO iteration (collect + update) giv
 throughput. Start-up seconds and per-worker memory (RSS and PSS) for 32 and 64 envs.
 
 LIBERO (`--libero`): 4 envs of libero_spatial task 0 with random actions: CPU-s per env step, start-up,
-and the stall one finished env's reset causes, in-process (a masked reset before the next decision)
-and with 2 workers (reset inside its worker after the decision it sits out).
+and the stall one finished env's reset causes: before the fix (a masked reset before the next decision,
+in-process) and with it (the env sits out a decision, frozen, and is reset after that decision's chunk),
+in-process and with 2 workers.
 
     python benchmarks/collection_scaling.py            # MetaWorld, ~5 min on 2 cores
     python benchmarks/collection_scaling.py --libero   # ~5 min on 2 cores, ~10 GB of RAM
@@ -30,7 +31,8 @@ from lerobot.envs.utils import close_envs
 
 from lerobot_pirl.algorithms.base import make_algorithm
 from lerobot_pirl.algorithms.update import make_optimizer, policy_update
-from lerobot_pirl.rollout.workers import ShardedVectorEnv, start_forkserver
+from lerobot_pirl.rollout.forkserver import start_forkserver
+from lerobot_pirl.rollout.workers import ShardedVectorEnv
 from lerobot_pirl.runtime.config import TrainConfig
 from lerobot_pirl.runtime.envs import WORKER_ENV_TYPES, make_rollout_envs
 from lerobot_pirl.runtime.factory import (
@@ -244,22 +246,24 @@ def libero(args) -> dict:
         cpu_per_step = (time.process_time() + workers_cpu_s(vec_env) - cpu_before) / (
             decisions * chunk * num_envs
         )
-        if w == 0:
-            # Before the fix: a masked reset of env 0 between two decisions, while every env waits.
-            stalls = []
-            for i in range(args.libero_resets):
+        # Env 0's episode ends: frozen as FreezeAfterEpisodeEnd freezes it (no sim work until its reset).
+        frozen = (vec_env.single_observation_space.sample(), 0.0, True, False, {})
+        stalls, stalls_before = [], []
+        for i in range(args.libero_resets):
+            if w == 0:
+                # Before the fix: a masked reset of env 0 between two decisions, while every env waits.
                 begin = time.perf_counter()
                 reset_envs(vec_env, [100 + i, None, None, None], np.array([True, False, False, False]))
-                stalls.append(time.perf_counter() - begin)
+                stalls_before.append(time.perf_counter() - begin)
                 chunk_s()
-        else:
-            # With the fix: env 0 sits out a decision (frozen) and is reset in its worker after it.
-            stalls = []
-            for i in range(args.libero_resets):
-                active[0] = False
-                stalls.append(chunk_s([100 + i, None, None, None]) - float(np.median(plain)))
-                active[0] = True
-                chunk_s()
+            # The fix: env 0 sits out a decision, frozen, and is reset right after that decision's chunk
+            # (in its worker with W = 2, while the other worker steps its envs). The stall is what this
+            # chunk takes beyond a chunk of four running envs.
+            vec_env.set_attr("_frozen", [frozen, None, None, None])
+            active[0] = False
+            stalls.append(chunk_s([100 + i, None, None, None]) - float(np.median(plain)))
+            active[0] = True
+            chunk_s()
         results.append(
             {
                 "num_workers": w,
@@ -270,6 +274,7 @@ def libero(args) -> dict:
                 "cpu_s_per_env_step": cpu_per_step,
                 "reset_stall_s": float(np.median(stalls)),
                 "reset_stalls_s": stalls,
+                **({"reset_stall_before_fix_s": float(np.median(stalls_before))} if stalls_before else {}),
             }
         )
         print(results[-1])

@@ -67,6 +67,9 @@ def collect_everything(cfg: TrainConfig, num_workers: int) -> dict:
         episodic = collector.collect_episodes([7, 7, 7, 8, 8], "flow_sde")  # two groups sharing seeds
         evaluation = collector.collect_episodes([100 + i for i in range(NUM_ENVS)], "ode", record=2)
         frames = [np.stack(f) for f in collector.recorded_frames]
+        assert collector.recorded_envs == [0, NUM_ENVS // 2]  # spread over the env workers
+        for env, env_frames in zip(collector.recorded_envs, frames, strict=True):
+            assert len(env_frames) == int(evaluation.episode_lengths[env]) + 1  # reset frame, then each step
         tasks = collector.tasks
     finally:
         close_envs(envs)

@@ -36,7 +36,7 @@ class ChunkOutcome:
     terminated: np.ndarray  # bool, the running episode terminated (or ended at success)
     truncated: np.ndarray  # bool, the running episode hit its time limit
     steps: np.ndarray  # int64, env steps taken while the episode was running
-    frames: list[list[np.ndarray]] | None = None  # per rendered sub-env, one (H, W, 3) frame per step
+    frames: list[list[np.ndarray]] | None = None  # per rendered sub-env, one (H, W, 3) frame per step run
 
     @classmethod
     def concatenate(cls, parts: Sequence[ChunkOutcome]) -> ChunkOutcome:
@@ -61,15 +61,16 @@ def step_success(info: dict, num_envs: int) -> np.ndarray:
     return success
 
 
-def render_frames(vec_env: gym.vector.VectorEnv, count: int) -> list[np.ndarray] | None:
-    """RGB frames of the first `count` sub-envs, or None when the env does not render."""
-    if count <= 0:
+def render_frames(vec_env: gym.vector.VectorEnv, envs: Sequence[int]) -> list[np.ndarray] | None:
+    """RGB frames of the sub-envs `envs`, in that order, or None when the env does not render."""
+    if len(envs) == 0:
         return []
     try:
         if isinstance(vec_env, gym.vector.SyncVectorEnv):
-            images = [vec_env.envs[i].render() for i in range(count)]
+            images = [vec_env.envs[i].render() for i in envs]
         else:
-            images = list(vec_env.call("render"))[:count]
+            every = list(vec_env.call("render"))
+            images = [every[i] for i in envs]
     except (AttributeError, NotImplementedError, TypeError):
         return None
     if any(image is None for image in images):
@@ -95,13 +96,14 @@ def run_chunk(
     succeeded: np.ndarray,
     rules: RewardRules,
     reset_seeds: Sequence[int | None] | None = None,
-    render_count: int = 0,
+    render_envs: Sequence[int] = (),
 ) -> tuple[dict, ChunkOutcome]:
     """Execute the (C, n, D) `env_actions`, then reset the sub-envs that have a seed in `reset_seeds`.
 
     `active` (n,): the sub-env's episode is running at the chunk start (others replay their frozen last
     transition); `succeeded` (n,): it already succeeded (the sparse reward is paid once, at the first
-    success). Returns the observation after the chunk (and after the resets) and the outcome.
+    success). `render_envs`: the sub-envs whose frames the outcome carries, one per step their episode
+    ran. Returns the observation after the chunk (and after the resets) and the outcome.
     """
     num_envs = vec_env.num_envs
     reward = np.zeros(num_envs, dtype=np.float64)
@@ -110,17 +112,19 @@ def run_chunk(
     truncated = np.zeros(num_envs, dtype=bool)
     steps_taken = np.zeros(num_envs, dtype=np.int64)
     running = active.copy()
-    frames: list[list[np.ndarray]] | None = [[] for _ in range(render_count)] if render_count else None
+    frames: list[list[np.ndarray]] | None = [[] for _ in render_envs] if len(render_envs) else None
     observation = None
     for c in range(env_actions.shape[0]):
         observation, step_reward, step_terminated, step_truncated, info = vec_env.step(env_actions[c])
         if frames is not None:
-            images = render_frames(vec_env, render_count)
+            # Frames only of the steps an episode ran: a frozen env's would never be shown.
+            shown = [i for i, env in enumerate(render_envs) if running[env]]
+            images = render_frames(vec_env, [render_envs[i] for i in shown])
             if images is None:
                 frames = None  # this env does not render: no videos
             else:
-                for per_env, image in zip(frames, images, strict=True):
-                    per_env.append(image)
+                for i, image in zip(shown, images, strict=True):
+                    frames[i].append(image)
         step_succeeded = step_success(info, num_envs) & running
         steps_taken += running
         if rules.sparse_reward:

@@ -134,6 +134,7 @@ class ChunkCollector:
         self._observation: dict | None = None  # raw vector-env observation of the continuous mode
         self._carry: list[tuple[float, bool, int] | None] = []  # running episodes (return, success, length)
         self._pending_seeds: list[int | None] = [None] * self.num_envs  # resets due after the next chunk
+        self.recorded_envs: list[int] = []  # the envs collect_episodes recorded, in increasing order
         self.recorded_frames: list[list[np.ndarray]] = []  # per recorded env, after collect_episodes
 
     # ---- env plumbing -------------------------------------------------------------------------------
@@ -182,18 +183,18 @@ class ChunkCollector:
         active: np.ndarray,
         succeeded: np.ndarray,
         reset_seeds: list[int | None] | None = None,
-        render_count: int = 0,
+        render_envs: list[int] | None = None,
     ) -> tuple[dict, ChunkOutcome]:
         """C env steps, then the due resets: in the env workers, or here (rollout/chunks.py)."""
-        args = (env_actions, active, succeeded, self.rules, reset_seeds, render_count)
+        args = (env_actions, active, succeeded, self.rules, reset_seeds, render_envs or [])
         if isinstance(self.vec_env, ShardedVectorEnv):
             return self.vec_env.run_chunk(*args)
         return run_chunk(self.vec_env, *args)
 
-    def _render(self, count: int) -> list[np.ndarray] | None:
+    def _render(self, envs: list[int]) -> list[np.ndarray] | None:
         if isinstance(self.vec_env, ShardedVectorEnv):
-            return self.vec_env.render_frames(count)
-        return render_frames(self.vec_env, count)
+            return self.vec_env.render_frames(envs)
+        return render_frames(self.vec_env, envs)
 
     # ---- rollouts -----------------------------------------------------------------------------------
 
@@ -227,9 +228,10 @@ class ChunkCollector:
         """Episodic mode (GRPO, evaluation): one episode per env from the given seeds, masked after its end.
 
         `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states). `record` > 0
-        keeps RGB frames of the first `record` envs in `recorded_frames` (the reset frame, then one per
-        env step; none when the env does not render). Leaves the continuous mode to restart from fresh
-        resets.
+        keeps RGB frames of `record` envs spread evenly over the N (so over the env workers, which render
+        them in parallel) in `recorded_frames`, their indices in `recorded_envs`: the reset frame, then
+        one per env step of the episode (none when the env does not render). Leaves the continuous mode
+        to restart from fresh resets.
         """
         if len(seeds) != self.num_envs:
             raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
@@ -237,16 +239,17 @@ class ChunkCollector:
             before_reset(self.vec_env, seeds)
         self._observation = self.reset(list(seeds))
         record = min(record, self.num_envs)
-        first_frames = self._render(record) if record else None
+        self.recorded_envs = [i * self.num_envs // record for i in range(record)]
+        first_frames = self._render(self.recorded_envs) if record else None
         self.recorded_frames = [[frame] for frame in first_frames] if first_frames else []
+        if not self.recorded_frames:
+            self.recorded_envs = []
         stats = EpisodeStats()
         slot = np.array([stats.start() for _ in range(self.num_envs)], dtype=np.int64)
         if max_decisions is None:
             max_steps = int(np.max(self.vec_env.call("_max_episode_steps")))
             max_decisions = -(-max_steps // self.policy.n_action_steps) + 1
-        batch = self._rollout(
-            max_decisions, mode, stats, slot, continuous=False, record=len(self.recorded_frames)
-        )
+        batch = self._rollout(max_decisions, mode, stats, slot, continuous=False, record=self.recorded_envs)
         self._observation = None  # the continuous mode must not resume from these frozen envs
         return batch
 
@@ -257,7 +260,7 @@ class ChunkCollector:
         stats: EpisodeStats,
         slot: np.ndarray,
         continuous: bool,
-        record: int = 0,
+        record: list[int] | None = None,
     ) -> RolloutBatch:
         """`slot` (N,): each env's running episode in `stats` (-1: none yet), updated as episodes restart."""
         active = slot >= 0  # the env's episode is running (episodic mode: until it ends)
@@ -282,7 +285,7 @@ class ChunkCollector:
             )
             if record:
                 if outcome.frames is None:
-                    self.recorded_frames, record = [], 0  # this env does not render: no videos
+                    self.recorded_frames, self.recorded_envs, record = [], [], None  # no videos
                 else:
                     for frames, new in zip(self.recorded_frames, outcome.frames, strict=True):
                         frames.extend(new)

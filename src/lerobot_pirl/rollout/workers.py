@@ -33,50 +33,15 @@ from gymnasium import spaces
 from gymnasium.vector.utils import CloudpickleWrapper
 
 from lerobot_pirl.rollout.chunks import ChunkOutcome, RewardRules, render_frames, reset_envs, run_chunk
+from lerobot_pirl.rollout.forkserver import start_forkserver
 
 logger = logging.getLogger(__name__)
 
-# Imported once in the forkserver, before any worker forks from it: what every worker imports, and what
-# the CLI's main modules import, because each child re-runs the parent's main script (Python 3.12's
-# forkserver never preloads "__main__": it looks for a "main_path" key that the preparation data lacks).
-DEFAULT_PRELOAD = (
-    "torch",
-    "gymnasium",
-    "lerobot.envs.utils",
-    "lerobot_pirl.rollout.workers",
-    "lerobot_pirl.runtime.trainer",
-    "lerobot_pirl.distributed.learner",
-    "lerobot_pirl.distributed.actor",
-    "lerobot_pirl.scripts.train",
-    "lerobot_pirl.scripts.learner",
-    "lerobot_pirl.scripts.actor",
-    "lerobot_pirl.scripts.eval",
-)
 START_TIMEOUT_S = 600.0  # building a LIBERO shard can take minutes on a loaded machine
-
-_preload_started = False
 
 
 class EnvWorkerError(RuntimeError):
     """An env worker died or raised; the message names the worker, its envs and the cause."""
-
-
-def start_forkserver(preload: Sequence[str]) -> None:
-    """Start the forkserver with `preload` imported, once per process (later calls cannot change it)."""
-    global _preload_started
-    if _preload_started:
-        return
-    from multiprocessing import forkserver
-
-    if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
-        logger.warning(
-            "env workers fork from a forkserver this process started earlier without their modules; "
-            "each worker imports them itself (slower start-up)"
-        )
-    else:
-        mp.get_context("forkserver").set_forkserver_preload(list(dict.fromkeys([*DEFAULT_PRELOAD, *preload])))
-        forkserver.ensure_running()
-    _preload_started = True
 
 
 def shard_bounds(num_envs: int, num_workers: int) -> list[tuple[int, int]]:
@@ -354,6 +319,12 @@ class ShardedVectorEnv(gym.vector.VectorEnv):
             return [None] * self.num_workers
         return [values[start:stop] for start, stop in self.bounds]
 
+    def _local_envs(self, envs: Sequence[int]) -> list[list[int]]:
+        """Sub-env indices (increasing) -> each shard's own indices of them."""
+        if list(envs) != sorted(envs):
+            raise ValueError(f"env indices must increase, got {list(envs)}")
+        return [[env - start for env in envs if start <= env < stop] for start, stop in self.bounds]
+
     # ---- the vector-env API -----------------------------------------------------------------------
 
     def run_chunk(
@@ -363,23 +334,28 @@ class ShardedVectorEnv(gym.vector.VectorEnv):
         succeeded: np.ndarray,
         rules: RewardRules,
         reset_seeds: Sequence[int | None] | None = None,
-        render_count: int = 0,
+        render_envs: Sequence[int] = (),
     ) -> tuple[dict, ChunkOutcome]:
-        """`rollout.chunks.run_chunk` over every shard at once; (C, N, D) actions, (N,) flags."""
+        """`rollout.chunks.run_chunk` over every shard at once; (C, N, D) actions, (N,) flags, and the
+        rendered envs in increasing order."""
         messages = []
-        for (start, stop), seeds in zip(self.bounds, self._split(reset_seeds), strict=True):
+        shard_render_envs = self._local_envs(render_envs)
+        for (start, stop), seeds, local_envs in zip(
+            self.bounds, self._split(reset_seeds), shard_render_envs, strict=True
+        ):
             payload = {
                 "env_actions": env_actions[:, start:stop],
                 "active": active[start:stop],
                 "succeeded": succeeded[start:stop],
                 "rules": rules,
                 "reset_seeds": None if seeds is None else list(seeds),
-                "render_count": int(np.clip(render_count - start, 0, stop - start)),
+                "render_envs": local_envs,
             }
             messages.append(("chunk", payload))
-        outcome = ChunkOutcome.concatenate(self._roundtrip(messages))
-        if render_count and outcome.frames is not None and len(outcome.frames) < render_count:
-            outcome.frames = None
+        parts = self._roundtrip(messages)
+        outcome = ChunkOutcome.concatenate(parts)
+        if any(envs and part.frames is None for envs, part in zip(shard_render_envs, parts, strict=True)):
+            outcome.frames = None  # a shard does not render: no videos
         return self._observation(), outcome
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict | None = None):
@@ -409,13 +385,13 @@ class ShardedVectorEnv(gym.vector.VectorEnv):
         info = {"is_success": outcome.success}
         return observation, outcome.reward, outcome.terminated, outcome.truncated, info
 
-    def render_frames(self, count: int) -> list[np.ndarray] | None:
-        parts = self._roundtrip(
-            [("render", int(np.clip(count - start, 0, stop - start))) for start, stop in self.bounds]
-        )
-        if any(part is None for part in parts):
+    def render_frames(self, envs: Sequence[int]) -> list[np.ndarray] | None:
+        """Frames of the sub-envs `envs` (in increasing order)."""
+        shard_envs = self._local_envs(envs)
+        parts = self._roundtrip([("render", local) if local else None for local in shard_envs])
+        if any(local and part is None for local, part in zip(shard_envs, parts, strict=True)):
             return None
-        return [frame for part in parts for frame in part]
+        return [frame for part in parts if part for frame in part]
 
     def call(self, name: str, *args, **kwargs) -> tuple:
         return tuple(value for part in self._broadcast(("call", (name, args, kwargs))) for value in part)

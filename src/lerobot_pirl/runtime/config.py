@@ -84,7 +84,9 @@ class RolloutConfig:
 class EvalConfig:
     freq: int = 10  # iterations between deterministic evaluations (0 = only at start and end)
     n_episodes: int = 50
-    batch_size: int = 10  # parallel eval envs
+    # Parallel eval envs; default: all n_episodes at once (at most 50) for metaworld_state, whose envs are
+    # cheap, else 10 (a LIBERO env holds GBs). The episodes and their seeds do not depend on it.
+    batch_size: int | None = None
     # Env workers for evaluation (as --rollout.num_workers); started at each evaluation, closed after it.
     num_workers: int | None = None
     seed: int = 100_000  # eval episode i uses seed + i: the same episodes for every checkpoint
@@ -165,8 +167,11 @@ class TrainConfig:
             self.output_dir = Path("outputs/train") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
 
     def resolve_num_workers(self) -> None:
-        """Env workers for training and evaluation: checked when given, the machine's default when not."""
-        from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers
+        """Eval envs and env workers for training and evaluation: checked when given, the machine's
+        default when not."""
+        from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers, resolve_eval_batch_size
+
+        resolve_eval_batch_size(self.env, self.eval)
 
         for flag, section, num_envs in (
             ("--rollout.num_workers", self.rollout, self.rollout.num_envs),

@@ -33,7 +33,8 @@ from lerobot.envs.configs import EnvConfig
 from lerobot.envs.factory import make_env
 from lerobot.envs.utils import env_to_policy_features
 
-from lerobot_pirl.rollout.workers import ShardedVectorEnvBuilder, start_forkserver
+from lerobot_pirl.rollout.forkserver import ENV_PRELOAD, start_forkserver
+from lerobot_pirl.rollout.workers import ShardedVectorEnvBuilder
 from lerobot_pirl.runtime.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ METAWORLD_ENV_TYPE = "metaworld"
 # Env types whose vector envs can be stepped by env workers (`--rollout.num_workers`), with the modules
 # their forkserver imports once for every worker, and the autoreset mode of their in-process vector env.
 WORKER_ENV_TYPES = {
-    METAWORLD_STATE_ENV_TYPE: (("lerobot_pirl.envs.metaworld_state",), gym.vector.AutoresetMode.SAME_STEP),
-    METAWORLD_ENV_TYPE: (("lerobot.envs.metaworld",), gym.vector.AutoresetMode.NEXT_STEP),
-    LIBERO_ENV_TYPE: (("lerobot_pirl.envs.libero_tools",), gym.vector.AutoresetMode.NEXT_STEP),
+    METAWORLD_STATE_ENV_TYPE: (ENV_PRELOAD[METAWORLD_STATE_ENV_TYPE], gym.vector.AutoresetMode.SAME_STEP),
+    METAWORLD_ENV_TYPE: (ENV_PRELOAD[METAWORLD_ENV_TYPE], gym.vector.AutoresetMode.NEXT_STEP),
+    LIBERO_ENV_TYPE: (ENV_PRELOAD[LIBERO_ENV_TYPE], gym.vector.AutoresetMode.NEXT_STEP),
 }
 
 
@@ -75,6 +76,25 @@ def default_num_workers(env_cfg: EnvConfig, num_envs: int, use_async_envs: bool 
     if use_async_envs or env_cfg.type not in WORKER_ENV_TYPES or cores < 2:
         return 0
     return min(cores, num_envs)
+
+
+# Eval envs when --eval.batch_size is not given: a state-only MetaWorld env is a few MB, so one round
+# of all the episodes is cheapest (one policy call per decision for all of them).
+CHEAP_EVAL_ENV_TYPES = (METAWORLD_STATE_ENV_TYPE,)
+MAX_DEFAULT_EVAL_BATCH = 50
+DEFAULT_EVAL_BATCH = 10
+
+
+def resolve_eval_batch_size(env_cfg: EnvConfig, eval_cfg) -> int:
+    """Set `eval_cfg.batch_size` to its per-env-type default when it is None, check it, and return it."""
+    if eval_cfg.batch_size is None:
+        if env_cfg.type in CHEAP_EVAL_ENV_TYPES:
+            eval_cfg.batch_size = max(1, min(eval_cfg.n_episodes, MAX_DEFAULT_EVAL_BATCH))
+        else:
+            eval_cfg.batch_size = DEFAULT_EVAL_BATCH
+    if eval_cfg.batch_size < 1:
+        raise ConfigError(f"--eval.batch_size={eval_cfg.batch_size} must be >= 1 (parallel eval envs)")
+    return eval_cfg.batch_size
 
 
 def check_num_workers(env_cfg: EnvConfig, num_workers: int, num_envs: int, flag: str) -> None:

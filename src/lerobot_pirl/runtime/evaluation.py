@@ -79,10 +79,8 @@ def evaluate(
         lengths += batch.episode_lengths[:take].tolist()
         if record and collector.recorded_frames and video_dir is not None:
             video_dir.mkdir(parents=True, exist_ok=True)
-            for i, frames in enumerate(collector.recorded_frames):
-                # Only the frames of the episode itself: it ends after `length` steps (+ the reset frame).
-                frames = frames[: int(batch.episode_lengths[i]) + 1]
-                path = video_dir / f"{video_prefix}_episode_{i}.mp4"
+            for env, frames in zip(collector.recorded_envs, collector.recorded_frames, strict=True):
+                path = video_dir / f"{video_prefix}_episode_{env}.mp4"  # env i runs episode i in round 0
                 write_video(path, frames, fps)
                 videos.append(str(path))
         round_index += 1

@@ -105,10 +105,11 @@ def evaluate_per_task(
     the next task's are built), `eval_cfg.n_episodes` episodes on `eval_cfg.batch_size` envs each."""
     from lerobot.envs.utils import close_envs
 
-    from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers
+    from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers, resolve_eval_batch_size
     from lerobot_pirl.runtime.factory import build_collector
 
     eval_cfg = eval_cfg or cfg.eval
+    resolve_eval_batch_size(cfg.env, eval_cfg)
     num_workers = eval_cfg.num_workers
     if num_workers is None:
         num_workers = default_num_workers(cfg.env, eval_cfg.batch_size, cfg.rollout.use_async_envs)
