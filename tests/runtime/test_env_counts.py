@@ -47,7 +47,7 @@ def test_bad_counts_are_refused(monkeypatch, sections, message):
 
 
 def test_the_launcher_starts_env_workers_early_only_when_the_command_line_settles_it():
-    assert DEFAULT_ENV_TYPE == TrainConfig().env.type
+    assert TrainConfig().env.type == DEFAULT_ENV_TYPE
     assert early_worker_env_type([], cores=2) == "metaworld_state"
     assert early_worker_env_type(["--env.type=metaworld", "--env.task=push-v3"], cores=2) == "metaworld"
     assert early_worker_env_type(["--env.type", "metaworld"], cores=2) == "metaworld"
