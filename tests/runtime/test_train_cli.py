@@ -54,8 +54,17 @@ def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(
         f"--output_dir={out}",
     ]
     assert run_main(monkeypatch, args) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "SFT" in printed and "→ RL" in printed and "(2 episodes)" in printed
+    # Not a terminal: no progress bars, one INFO line per iteration and per evaluation, all short.
+    log = captured.err.splitlines()
+    assert max(len(line) for line in log) < 1000
+    iteration_lines = [line for line in log if " iter:" in line]
+    assert [line.split(" iter:")[1].split()[0] for line in iteration_lines] == ["1/2", "2/2"]
+    assert all("env_steps:" in line and "lr:3.0e-05" in line for line in iteration_lines)
+    assert sum("eval sft:" in line for line in log) == 1 and sum("eval iter0" in line for line in log) == 2
+    assert "πRL" not in captured.err
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [0, 1, 2]
@@ -261,6 +270,7 @@ def test_push_to_hub_uploads_the_final_checkpoint(monkeypatch, tmp_path, policy_
             return type("Commit", (), {"repo_url": url})()
 
     monkeypatch.setattr("lerobot_pirl.runtime.hub.HfApi", FakeApi)
+    monkeypatch.setattr("lerobot_pirl.runtime.hub.get_token", lambda: "hf_test")
     out = tmp_path / "run"
     args = [
         f"--policy.path={policy_dir}",
@@ -281,6 +291,70 @@ def test_push_to_hub_uploads_the_final_checkpoint(monkeypatch, tmp_path, policy_
         "train_config.json",
     ):
         assert name in calls["files"]
+
+
+def push_args(policy_dir, out) -> list[str]:
+    return [
+        f"--policy.path={policy_dir}",
+        "--policy.push_to_hub=true",
+        "--policy.repo_id=user/pirl-reach",
+        *FAST_RUN,
+        "--iterations=1",
+        "--eval.videos=0",
+        f"--output_dir={out}",
+    ]
+
+
+def test_a_push_without_login_is_refused_before_training(monkeypatch, capsys, tmp_path, policy_dir):
+    monkeypatch.setattr("lerobot_pirl.runtime.hub.get_token", lambda: None)
+    out = tmp_path / "run"
+    assert run_main(monkeypatch, push_args(policy_dir, out)) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "needs a Hugging Face login" in error_lines[0]
+    assert not out.exists()
+
+
+def test_a_failed_push_prints_the_result_first_and_says_how_to_push_later(
+    monkeypatch, capsys, tmp_path, policy_dir
+):
+    class OfflineApi:
+        def create_repo(self, **kwargs):
+            raise ConnectionError("Failed to resolve 'huggingface.co'\n(and 40 more lines)")
+
+    monkeypatch.setattr("lerobot_pirl.runtime.hub.HfApi", OfflineApi)
+    monkeypatch.setattr("lerobot_pirl.runtime.hub.get_token", lambda: "hf_test")
+    out = tmp_path / "run"
+    assert run_main(monkeypatch, push_args(policy_dir, out)) == 1
+    captured = capsys.readouterr()
+    assert "→ RL" in captured.out and "checkpoint:" in captured.out
+    failure = [line for line in captured.err.splitlines() if "push to user/pirl-reach failed" in line]
+    assert len(failure) == 1 and "Traceback" not in captured.err
+    checkpoint = out / "checkpoints" / "000001"
+    assert f"hf upload user/pirl-reach {checkpoint / 'pretrained_model'} ." in failure[0]
+    assert (checkpoint / "pretrained_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "program, module",
+    [
+        ("lerobot-pirl-train", "lerobot_pirl.scripts.train"),
+        ("lerobot-pirl-learner", "lerobot_pirl.scripts.learner"),
+        ("lerobot-pirl-actor", "lerobot_pirl.scripts.actor"),
+    ],
+)
+@pytest.mark.parametrize("scope", [[], ["--algorithm.type=ppo"], ["--algorithm.type=grpo"]])
+def test_help_of_every_training_cli_and_algorithm_scope(monkeypatch, capsys, program, module, scope):
+    import importlib
+
+    cli = importlib.import_module(module).cli
+    monkeypatch.setattr(sys, "argv", [program, *scope, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"usage: {program}")
+    if scope:
+        assert "--algorithm.actor_lr" in shown
 
 
 def test_dense_reward_ending_at_success_is_warned_about(monkeypatch, caplog, tmp_path):

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from lerobot.datasets.lerobot_dataset import LeRobotDataset
 from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_IMAGE, OBS_STATE
-from tqdm import tqdm
 
 from lerobot_pirl.envs.metaworld_state import (
     ACTION_DIM,
@@ -37,6 +36,7 @@ from lerobot_pirl.envs.metaworld_state import (
     MetaWorldStateEnv,
     resolve_metaworld_task,
 )
+from lerobot_pirl.progress import progress_bar
 
 if TYPE_CHECKING:
     from metaworld.policies.policy import Policy
@@ -141,7 +141,7 @@ def record_metaworld_demos(
     )
 
     kept = attempts = successes = 0
-    progress = tqdm(total=num_episodes, desc=f"{task} expert demos", unit="episode")
+    progress = progress_bar(total=num_episodes, desc=f"{task} expert demos", unit="episode")
     try:
         # MetaWorld's controllers warn whenever their gain saturates; we clip on purpose.
         with warnings.catch_warnings():

@@ -22,11 +22,11 @@ from filelock import FileLock
 from lerobot.configs.types import FeatureType
 from lerobot.utils.constants import ACTION
 from lerobot.utils.feature_utils import dataset_to_policy_features
-from tqdm.auto import tqdm
 
 from lerobot_pirl.policies.flow_mlp.configuration_flow_mlp import FlowMLPConfig
 from lerobot_pirl.policies.flow_mlp.modeling_flow_mlp import FlowMLPPolicy
 from lerobot_pirl.policies.flow_mlp.processor_flow_mlp import make_flow_mlp_pre_post_processors
+from lerobot_pirl.progress import progress_bar
 
 if TYPE_CHECKING:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -92,8 +92,9 @@ def train_flow_mlp(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)
     policy.train()
-    progress = tqdm(range(steps), desc="SFT flow_mlp", leave=False)
-    for _ in progress:
+    progress = progress_bar(range(steps), desc="SFT flow_mlp", leave=False)
+    log_every = max(1, steps // 4)
+    for step in progress:
         index = torch.randint(0, num_frames, (batch_size,), generator=generator)
         batch = preprocessor({k: v[index] for k, v in data.items()})
         loss, _ = policy.forward(batch)
@@ -101,7 +102,9 @@ def train_flow_mlp(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if (step + 1) % log_every == 0:
+            logger.info("SFT flow_mlp step %d/%d: loss %.4f", step + 1, steps, loss.item())
     policy.eval()
     policy.save_pretrained(output_dir)
     preprocessor.save_pretrained(output_dir)

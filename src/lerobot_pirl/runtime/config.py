@@ -132,6 +132,7 @@ class TrainConfig:
     max_env_steps: int | None = None  # stop earlier once this many training env steps were taken
     max_minutes: float | None = None  # stop earlier after this much wall time (a checkpoint is saved)
     save_freq: int = 10  # iterations between checkpoints (the last one is always saved)
+    log_freq: int = 1  # iterations between INFO log lines (the last one is always logged)
     output_dir: Path | None = None
     job_name: str | None = None
     resume: bool = False  # continue the run in --output_dir from its checkpoints/last

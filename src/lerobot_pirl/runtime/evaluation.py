@@ -11,6 +11,7 @@ import numpy as np
 from lerobot.utils.io_utils import write_video
 from scipy.stats import binomtest
 
+from lerobot_pirl.progress import progress_bar
 from lerobot_pirl.rollout.collector import ChunkCollector
 
 
@@ -63,12 +64,15 @@ def evaluate(
     video_prefix: str = "eval",
     fps: int = 30,
     before_reset=None,
+    description: str = "eval",
 ) -> EvalResult:
-    """Run `n_episodes` deterministic (ODE) episodes, episode i reset with `seed + i`."""
+    """Run `n_episodes` deterministic (ODE) episodes, episode i reset with `seed + i`; a terminal shows
+    the episodes done as each round of `collector.num_envs` ends."""
     num_envs = collector.num_envs
     successes, returns, lengths = [], [], []
     videos = []
     round_index = 0
+    progress = progress_bar(total=n_episodes, desc=description, unit="episode", leave=False)
     while len(successes) < n_episodes:
         seeds = [seed + round_index * num_envs + i for i in range(num_envs)]
         record = min(n_videos, num_envs) if round_index == 0 and video_dir else 0
@@ -84,6 +88,8 @@ def evaluate(
                 write_video(path, frames, fps)
                 videos.append(str(path))
         round_index += 1
+        progress.update(take)
+    progress.close()
     low, high = success_interval(int(sum(successes)), len(successes))
     return EvalResult(
         success_rate=float(np.mean(successes)),

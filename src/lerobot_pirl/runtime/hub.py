@@ -5,10 +5,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, get_token
 from lerobot.utils.constants import PRETRAINED_MODEL_DIR
 
 from lerobot_pirl.runtime.checkpoint import TRAINER_STATE_FILE
+from lerobot_pirl.runtime.config import ConfigError
+
+
+def check_push_possible(repo_id: str | None) -> None:
+    """Before training: a push needs a repo id and a login (a token); whether the hub is reachable is
+    only known at the push, which then fails with one line and leaves the checkpoint in place."""
+    if not repo_id:
+        raise ConfigError("--policy.push_to_hub=true needs --policy.repo_id=<user>/<name>")
+    if get_token() is None:
+        raise ConfigError(
+            "--policy.push_to_hub=true needs a Hugging Face login: run `hf auth login` or set HF_TOKEN "
+            "(or drop the flag and push the checkpoint later with `hf upload`)"
+        )
+
+
+def push_command(repo_id: str, checkpoint_dir: Path) -> str:
+    """The command that pushes a checkpoint by hand, as the failed-push message suggests."""
+    return f"hf upload {repo_id} {Path(checkpoint_dir) / PRETRAINED_MODEL_DIR} ."
 
 
 def _model_card(policy_type: str, checkpoint_dir: Path) -> str:

@@ -22,7 +22,6 @@ from typing import Protocol
 import torch
 from lerobot.envs.utils import close_envs
 from lerobot.utils.random_utils import set_seed
-from tqdm.auto import tqdm
 
 from lerobot_pirl.algorithms.base import make_algorithm
 from lerobot_pirl.algorithms.samples import UpdateSamples
@@ -32,6 +31,7 @@ from lerobot_pirl.algorithms.update import (
     make_optimizer,
     policy_update,
 )
+from lerobot_pirl.progress import duration, progress_bar
 from lerobot_pirl.rollout.batch import RolloutBatch
 from lerobot_pirl.rollout.collector import ChunkCollector
 from lerobot_pirl.rollout.workers import EnvWorkerError
@@ -242,8 +242,8 @@ class Trainer:
         sft_result = self._evaluate_sft() if self.state.iteration == 0 and self.resume_from is None else None
         self._run_started, self._elapsed_before = time.perf_counter(), self.state.elapsed_s
         last_eval, checkpoint_dir, error, completed = sft_result, None, None, False
-        progress = tqdm(
-            total=self.cfg.iterations, initial=self.state.iteration, desc="πRL", unit="it", dynamic_ncols=True
+        progress = progress_bar(
+            total=self.cfg.iterations, initial=self.state.iteration, desc="πRL", unit="it"
         )
         try:
             if not self._budget_spent():
@@ -286,8 +286,10 @@ class Trainer:
                     plot_learning_curves(
                         self.metrics.rows, self.output_dir / "plots", title=self.cfg.job_name
                     )
+                progress.set_postfix(_progress_fields(row, last_eval), refresh=False)
                 progress.update(1)
-                progress.set_postfix(_progress_fields(row, last_eval))
+                if final_iteration or self._due(self.cfg.log_freq):
+                    logger.info(self._log_line(row, last_eval))
             completed = self._budget_spent()
         except NonFiniteLossError:
             logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
@@ -324,8 +326,9 @@ class Trainer:
     def evaluate(self, label: str) -> EvalResult:
         """Deterministic episodes `eval.seed + i` (LIBERO: init state i), the same for every checkpoint."""
         eval_cfg = self.cfg.eval
+        begin = time.perf_counter()
         with self.evaluation_collector() as collector:
-            return evaluate(
+            result = evaluate(
                 collector,
                 eval_cfg.n_episodes,
                 eval_cfg.seed,
@@ -334,13 +337,15 @@ class Trainer:
                 video_prefix=label,
                 fps=self.cfg.env.fps,
                 before_reset=evaluation_reset_hook(self.cfg.env, eval_cfg.seed),
+                description=f"eval {label}",
             )
+        logger.info("eval %s: %s in %s", label, result.summary(), duration(time.perf_counter() - begin))
+        return result
 
     def _evaluate_sft(self) -> EvalResult:
         result = self.evaluate("sft")
         self.state.sft_success_rate, self.state.sft_eval_episodes = result.success_rate, result.n_episodes
         self._log({"iteration": 0, "env_steps": 0, **result.to_metrics()})
-        logger.info("SFT policy: %s", result.summary())
         return result
 
     def _iteration_row(self, collected: Collected, update_s: float) -> dict[str, float]:
@@ -353,6 +358,19 @@ class Trainer:
             "charts/update_s": update_s,
             "charts/actor_lr": self.optimizer.param_groups[0]["lr"],
         }
+
+    def _log_line(self, row: dict, last_eval: EvalResult | None) -> str:
+        """One line per logged iteration, as `lerobot-train` logs its steps."""
+        fields = {
+            "iter": f"{self.state.iteration}/{self.cfg.iterations}",
+            "env_steps": f"{self.state.env_steps:,}",
+            **_progress_fields(row, last_eval),
+            "pi_loss": f"{row['losses/policy_loss']:.3g}" if "losses/policy_loss" in row else "-",
+            "v_loss": f"{row['losses/value_loss']:.3g}" if "losses/value_loss" in row else "-",
+            "lr": f"{row['charts/actor_lr']:.1e}",
+            "time": duration(self.state.elapsed_s),
+        }
+        return " ".join(f"{key}:{value}" for key, value in fields.items())
 
     def _save(self) -> Path:
         return save_checkpoint(
@@ -431,8 +449,9 @@ class Trainer:
 
 
 def _progress_fields(row: dict, last_eval: EvalResult | None) -> dict[str, str]:
-    return {
-        "rollout": f"{row.get('rollout/success_rate', math.nan):.0%}",
+    rollout_success = row.get("rollout/success_rate", math.nan)
+    return {  # "-" where there is nothing yet (no episode ended in this rollout, no evaluation)
+        "rollout": "-" if math.isnan(rollout_success) else f"{rollout_success:.0%}",
         "eval": f"{last_eval.success_rate:.0%}" if last_eval else "-",
         "kl": f"{row['losses/approx_kl']:.3g}" if "losses/approx_kl" in row else "-",
         "sps": f"{row['charts/SPS']:.0f}",
