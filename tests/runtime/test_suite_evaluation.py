@@ -63,14 +63,16 @@ def test_suite_result_pools_per_suite_and_overall():
     overall = suite.overall()
     assert overall.success_rate == pytest.approx(0.5) and overall.n_episodes == 6
 
-    info = json.loads(json.dumps(suite.to_dict()))
-    assert info["success_rate"] == pytest.approx(0.5) and info["n_episodes"] == 6  # single-task keys kept
-    assert [(t["suite"], t["task_id"], t["success_rate"]) for t in info["per_task"]] == [
-        ("libero_spatial", 0, 1.0),
-        ("libero_spatial", 1, 0.5),
+    info = json.loads(json.dumps(suite.to_lerobot_eval_info(eval_s=12.0)))
+    assert info["overall"]["pc_success"] == pytest.approx(50.0) and info["overall"]["n_episodes"] == 6
+    assert info["overall"]["eval_ep_s"] == pytest.approx(2.0)
+    assert [(t["task_group"], t["task_id"], t["metrics"]["pc_success"]) for t in info["per_task"]] == [
+        ("libero_spatial", 0, 100.0),
+        ("libero_spatial", 1, 50.0),
         ("libero_10", 0, 0.0),
     ]
-    assert info["per_suite"]["libero_spatial"]["n_episodes"] == 4
+    assert info["per_group"]["libero_spatial"]["n_episodes"] == 4
+    assert info["per_group"]["libero_10"]["pc_success_ci95"] == pytest.approx([100 * x for x in wilson(0, 2)])
     rows = suite.table().splitlines()
     assert len(rows) == 1 + 3 + 2 + 1  # header, tasks, suites, total
     assert rows[-1].split()[:3] == ["total", "all", "50.0%"]
@@ -98,14 +100,46 @@ def test_eval_cli_writes_overall_and_per_task_results(tmp_path, monkeypatch, cap
     )
     assert main() == 0
     info = json.loads((out / "eval_info.json").read_text())
-    assert info["n_episodes"] == 3 and len(info["successes"]) == 3
-    assert [(t["suite"], t["task_id"], t["n_episodes"]) for t in info["per_task"]] == [
-        ("metaworld_state", 0, 3)
-    ]
-    assert info["per_task"][0]["task"]  # the instruction the policy received
-    assert info["per_suite"]["metaworld_state"]["successes"] == info["successes"]
-    assert info["per_task"][0]["mean_length"] == info["mean_length"] <= 12
-    assert f"({info['n_episodes']} episodes)" in capsys.readouterr().out
+    overall = info["overall"]  # lerobot-eval's keys: success in percent
+    assert overall["n_episodes"] == 3 and overall["pc_success"] in (0.0, 100 / 3, 200 / 3, 100.0)
+    low, high = overall["pc_success_ci95"]
+    assert 0 <= low <= overall["pc_success"] <= high <= 100
+    assert overall["eval_s"] > 0 and overall["eval_ep_s"] == pytest.approx(overall["eval_s"] / 3)
+    (task,) = info["per_task"]
+    assert (task["task_group"], task["task_id"]) == ("metaworld_state", 0) and task["task"]
+    metrics = task["metrics"]
+    assert len(metrics["successes"]) == len(metrics["sum_rewards"]) == 3
+    assert (
+        metrics["pc_success"] == pytest.approx(100 * sum(metrics["successes"]) / 3) == overall["pc_success"]
+    )
+    assert metrics["avg_sum_reward"] == pytest.approx(sum(metrics["sum_rewards"]) / 3)
+    assert info["per_group"]["metaworld_state"]["pc_success"] == overall["pc_success"]
+    assert 0 < overall["avg_episode_length"] <= 12
+    printed = capsys.readouterr().out
+    assert f"({overall['n_episodes']} episodes)" in printed and str(out / "eval_info.json") in printed
+
+
+def test_eval_cli_writes_where_lerobot_eval_writes_by_default(tmp_path, monkeypatch):
+    from lerobot_pirl.scripts.eval import main
+
+    policy = save_tiny_flow_mlp(tmp_path / "policy")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "lerobot-pirl-eval",
+            f"--policy.path={policy}",
+            "--env.type=metaworld_state",
+            "--env.task=reach-v3",
+            "--env.episode_length=8",
+            "--eval.n_episodes=1",
+            "--eval.videos=0",
+        ],
+    )
+    assert main() == 0
+    (info,) = (tmp_path / "outputs" / "eval").glob("*/*_metaworld_state_flow_mlp/eval_info.json")
+    assert json.loads(info.read_text())["overall"]["n_episodes"] == 1
 
 
 @pytest.mark.parametrize(

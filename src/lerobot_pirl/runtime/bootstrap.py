@@ -147,16 +147,24 @@ def _bootstrap_locked(env_cfg, cfg, seed: int, root: Path, recipe: dict) -> Path
         shutil.rmtree(root)
     root.mkdir(parents=True)
     # Imported here: recording needs the `datasets` package, a cache hit does not.
+    import datasets
+
     from lerobot_pirl.rollout.scripted_demos import record_metaworld_demos
 
-    dataset = record_metaworld_demos(
-        env_cfg.task,
-        cfg.num_demos,
-        root / "demos",
-        action_noise=cfg.action_noise,
-        seed=seed,
-        image_size=env_cfg.image_size,
-    )
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a `Map:` bar per saved episode, in our own demo set
+    try:
+        dataset = record_metaworld_demos(
+            env_cfg.task,
+            cfg.num_demos,
+            root / "demos",
+            action_noise=cfg.action_noise,
+            seed=seed,
+            image_size=env_cfg.image_size,
+        )
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     staging = root / "policy.partial"
     train_flow_mlp(dataset, staging, steps=cfg.sft_steps, batch_size=cfg.batch_size, seed=seed)
     (root / "recipe.json").write_text(json.dumps(recipe, indent=2))

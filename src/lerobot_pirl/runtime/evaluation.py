@@ -33,6 +33,20 @@ class EvalResult:
     mean_length: float
     successes: list[bool] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)
+    returns: list[float] = field(default_factory=list)  # per episode
+
+    def lerobot_metrics(self) -> dict:
+        """This result under `lerobot-eval`'s `eval_info.json` keys (success in percent), plus ours: the
+        Wilson interval in percent and the mean episode length. LeRobot's `avg_max_reward` is left out:
+        the collector sums rewards per action chunk, so no per-step maximum is known."""
+        return {
+            "avg_sum_reward": self.mean_return,
+            "pc_success": 100 * self.success_rate,
+            "n_episodes": self.n_episodes,
+            "video_paths": list(self.videos),
+            "pc_success_ci95": [100 * self.ci_low, 100 * self.ci_high],
+            "avg_episode_length": self.mean_length,
+        }
 
     def summary(self) -> str:
         return (
@@ -100,4 +114,5 @@ def evaluate(
         mean_length=float(np.mean(lengths)),
         successes=[bool(s) for s in successes],
         videos=videos,
+        returns=[float(r) for r in returns[:n_episodes]],
     )

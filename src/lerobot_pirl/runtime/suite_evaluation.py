@@ -10,7 +10,7 @@ sees exactly the same scenes. Suites and the whole run pool their tasks' episode
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ def pool_results(results: list[EvalResult]) -> EvalResult:
         mean_length=float(np.average([r.mean_length for r in results], weights=weights)),
         successes=successes,
         videos=[v for r in results for v in r.videos],
+        returns=[x for r in results for x in r.returns],
     )
 
 
@@ -78,16 +79,31 @@ class SuiteEvalResult:
         lines.append(row("total", "all", self.overall()))
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
-        """The overall EvalResult's fields (what single-task `eval_info.json` always held), plus
-        `per_suite` and `per_task`."""
+    def to_lerobot_eval_info(self, eval_s: float) -> dict:
+        """`lerobot-eval`'s `eval_info.json` layout (`per_task[].metrics`, `per_group`, `overall`, success
+        in percent), each entry with our Wilson interval and mean length too; `per_task` also names the
+        instruction the policy received."""
+        overall = self.overall()
         return {
-            **self.overall().to_dict(),
-            "per_suite": {suite: asdict(result) for suite, result in self.per_suite().items()},
             "per_task": [
-                {"suite": t.suite, "task_id": t.task_id, "task": t.task, **asdict(t.result)}
+                {
+                    "task_group": t.suite,
+                    "task_id": t.task_id,
+                    "task": t.task,
+                    "metrics": {
+                        "sum_rewards": t.result.returns,
+                        "successes": t.result.successes,
+                        **t.result.lerobot_metrics(),
+                    },
+                }
                 for t in self.tasks
             ],
+            "per_group": {suite: result.lerobot_metrics() for suite, result in self.per_suite().items()},
+            "overall": {
+                **overall.lerobot_metrics(),
+                "eval_s": eval_s,
+                "eval_ep_s": eval_s / max(1, overall.n_episodes),
+            },
         }
 
 

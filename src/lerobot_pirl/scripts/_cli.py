@@ -9,6 +9,17 @@ from draccus.utils import ParsingError
 
 from lerobot_pirl.runtime.config import ConfigError
 
+# LeRobot's notices that are harmless for what we run, each a screenful or a line on every start: the
+# 100-line torchcodec traceback before it falls back to pyav (FFmpeg's shared libraries are missing; our
+# datasets hold no video), and the video codec it picks for datasets that store images.
+HARMLESS_NOTICES = {
+    "lerobot.utils.import_utils": "'torchcodec' is installed but cannot be loaded",
+    "lerobot.configs.video": "Using video codec",
+}
+_NOTICE_FILTERS = {  # one filter object per logger, so that setting logging up twice adds it once
+    name: (lambda record, text=text: text not in str(record.msg)) for name, text in HARMLESS_NOTICES.items()
+}
+
 
 def setup_logging(tag: str = "") -> None:
     logging.basicConfig(
@@ -17,6 +28,8 @@ def setup_logging(tag: str = "") -> None:
         datefmt="%H:%M:%S",
         force=True,  # an imported library may have configured the root logger already
     )
+    for logger_name, notice_filter in _NOTICE_FILTERS.items():
+        logging.getLogger(logger_name).addFilter(notice_filter)
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -11,13 +11,16 @@
 The protocol is the trainer's: the same sampler, K, and episode seeds (`--eval.seed` + i), so the SFT
 baseline and every RL checkpoint are compared on the same episodes. Every task the env config selects is
 evaluated on its own (`--eval.n_episodes` per task; on LIBERO episode i starts from init state i),
-with per-task, per-suite and overall success. Writes `eval_info.json` (the overall result's fields plus
-`per_suite` and `per_task`) and videos (when the env renders) to `--output_dir`.
+with per-task, per-suite and overall success. Writes `eval_info.json` in `lerobot-eval`'s layout
+(`overall.pc_success`, `per_group`, `per_task[].metrics`, plus Wilson intervals and mean lengths) and
+videos (when the env renders) to `--output_dir`, by default `outputs/eval/<date>/<time>_<job_name>`.
 
 No `from __future__ import annotations`: LeRobot's parser reads the config class from `main`'s annotation.
 """
 
+import datetime as dt
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +44,8 @@ class EvalPipelineConfig:
     env: EnvConfig = field(default_factory=_default_env)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # uses n_action_steps, K, rewards
-    output_dir: Path | None = None
+    output_dir: Path | None = None  # default: outputs/eval/<date>/<time>_<job_name>, as lerobot-eval
+    job_name: str | None = None  # default: <env type>_<policy type>
     device: str | None = None
 
     def validate(self) -> None:
@@ -49,6 +53,11 @@ class EvalPipelineConfig:
         if not policy_path:
             raise ConfigError("lerobot-pirl-eval needs --policy.path=<checkpoint folder or hub id>")
         self.policy = load_policy_config(policy_path, parser.get_cli_overrides("policy"))
+        if not self.job_name:
+            self.job_name = f"{self.env.type}_{self.policy.type}"
+        if self.output_dir is None:
+            now = dt.datetime.now()
+            self.output_dir = Path("outputs/eval") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
 
     @classmethod
     def __get_path_fields__(cls) -> list[str]:
@@ -65,7 +74,7 @@ def evaluate_policy_per_task(cfg: EvalPipelineConfig):
     device = resolve_device(cfg.device)
     train_cfg = TrainConfig(policy=cfg.policy, env=cfg.env, rollout=cfg.rollout, eval=cfg.eval)
     policy, preprocessor, postprocessor = build_rl_policy(train_cfg, cfg.policy.pretrained_path, device)
-    video_dir = Path(cfg.output_dir) / "videos" if cfg.output_dir else None
+    video_dir = Path(cfg.output_dir) / "videos"
     return evaluate_per_task(
         train_cfg, policy, preprocessor, postprocessor, device=device, video_dir=video_dir
     )
@@ -80,13 +89,16 @@ def evaluate_policy(cfg: EvalPipelineConfig):
 def main(cfg: EvalPipelineConfig) -> int:
     setup_logging()
     cfg.validate()
+    begin = time.perf_counter()
     results = evaluate_policy_per_task(cfg)
+    eval_s = time.perf_counter() - begin
     if len(results.tasks) > 1:
         print(results.table())
     print(f"success {results.overall().summary()}")
-    if cfg.output_dir is not None:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "eval_info.json").write_text(json.dumps(results.to_dict(), indent=2))
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    info_path = Path(cfg.output_dir) / "eval_info.json"
+    info_path.write_text(json.dumps(results.to_lerobot_eval_info(eval_s), indent=2))
+    print(f"results: {info_path}")
     return 0
 
 
