@@ -15,8 +15,9 @@ import torch
 from lerobot.envs.configs import EnvConfig
 
 import lerobot_pirl.envs  # noqa: F401
+from lerobot_pirl.envs.metaworld_state import DEFAULT_EPISODE_LENGTH
 from lerobot_pirl.runtime.bootstrap import bootstrap_flow_policy
-from lerobot_pirl.runtime.config import DEFAULT_EPISODE_LENGTH, BootstrapConfig, EvalConfig, RolloutConfig
+from lerobot_pirl.runtime.config import BootstrapConfig, EvalConfig, RolloutConfig
 from lerobot_pirl.scripts.eval import EvalPipelineConfig, evaluate_policy
 
 

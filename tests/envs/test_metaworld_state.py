@@ -30,7 +30,7 @@ def test_draccus_parses_env_type_and_fills_policy_features():
     assert (cli.env.type, cli.env.task, cli.env.episode_length, cli.env.fps) == (
         "metaworld_state",
         "push-v3",
-        500,
+        200,
         80,
     )
     policy_features = env_to_policy_features(cli.env)
@@ -40,6 +40,20 @@ def test_draccus_parses_env_type_and_fills_policy_features():
         OBS_ENV_STATE: (39,),
         OBS_IMAGE: (3, 32, 32),
     }
+
+
+def test_the_default_env_and_the_same_env_named_on_the_command_line_run_the_same_episodes():
+    from lerobot_pirl.runtime.config import TrainConfig
+
+    named = draccus.parse(
+        config_class=_CliConfig, args=["--env.type=metaworld_state", "--env.task=pick-place-v3"]
+    )
+    default = TrainConfig().env
+    assert (
+        (named.env.task, named.env.episode_length)
+        == (default.task, default.episode_length)
+        == ("pick-place-v3", 200)
+    )
 
 
 def test_lerobot_style_task_name_is_accepted():
@@ -72,7 +86,7 @@ def test_preprocess_observation_maps_state_keys_like_the_policy_features():
         assert not info["is_success"].any()
         assert vector_env.call("task_description") == ("Push the puck to a goal",) * 2
         assert vector_env.call("task") == ("push-v3",) * 2
-        assert vector_env.call("_max_episode_steps") == (500, 500)
+        assert vector_env.call("_max_episode_steps") == (200, 200)
     finally:
         vector_env.close()
 

@@ -15,6 +15,11 @@ def test_torchcodec_fallback_and_codec_notices_are_dropped_other_warnings_kept(c
         "(see the error above). Falling back to 'pyav' as a default decoder."
     )
     logging.getLogger("lerobot.configs.video").info("Using video codec: libsvtav1")
+    import huggingface_hub.serialization._torch as hub_torch
+
+    hub_torch.logger.info(
+        "Model weights successfully saved to run/checkpoints/000010.partial/pretrained_model!"
+    )
     import_utils.warning("'rerun' is required but not installed")
     logging.getLogger("lerobot.configs.video").warning("No hardware encoder available")
     assert [r.getMessage() for r in caplog.records] == [

@@ -111,6 +111,7 @@ def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(
     ):
         assert (state_dir / name).exists()
     assert json.loads((state_dir / "trainer_state.json").read_text())["iteration"] == 2
+    assert json.loads((out / "train_config.json").read_text())["output_dir"] == str(out)  # absolute
     # Both saved configs carry the numbers that ran: flow_mlp's actor lr and minibatch, the flag's epochs.
     for algorithm in (
         json.loads((out / "train_config.json").read_text())["algorithm"],
@@ -370,3 +371,23 @@ def test_dense_reward_ending_at_success_is_warned_about(monkeypatch, caplog, tmp
     caplog.clear()
     TrainConfig(output_dir=tmp_path).validate()  # the sparse default
     assert warning not in caplog.text
+
+
+@pytest.mark.parametrize("module", ["lerobot_pirl.scripts.train", "lerobot_pirl.scripts.eval"])
+def test_a_missing_config_file_is_one_error_line(monkeypatch, capsys, tmp_path, module):
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", ["lerobot-pirl", f"--config_path={tmp_path / 'no.yaml'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).cli()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(f"--config_path={tmp_path / 'no.yaml'}: no such file")
+
+
+def test_a_checkpoint_folder_is_accepted_as_policy_path(tmp_path):
+    from lerobot_pirl.runtime.config import load_policy_config
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "last"  # as lerobot-train and we lay it out
+    save_tiny_flow_mlp(checkpoint / "pretrained_model")
+    config = load_policy_config(str(checkpoint), [])
+    assert config.type == "flow_mlp" and config.pretrained_path == checkpoint / "pretrained_model"

@@ -55,6 +55,7 @@ AGENT_POS_DIM = 4
 ACTION_DIM = 4
 # Every MetaWorld task raises if stepped past this many steps without a reset.
 METAWORLD_MAX_PATH_LENGTH = 500
+DEFAULT_EPISODE_LENGTH = 200  # room for the scripted experts' 50-150 steps, and 2.5x faster failures
 # MetaWorld runs MuJoCo at 0.0025 s with frame_skip 5: 80 control steps per second.
 METAWORLD_FPS = 80
 # MetaWorld's models declare a 640×480 offscreen framebuffer; a square image can be at most 480 px.
@@ -243,9 +244,9 @@ class MetaWorldStateEnvConfig(EnvConfig):
 
     task: str = "push-v3"  # a v3 task name; LeRobot's "metaworld-push-v3" spelling is accepted too
     fps: int = METAWORLD_FPS
-    # MetaWorld's own limit and LeRobot's metaworld env's `_max_episode_steps`, so success rates compare
-    # with LeRobot's evaluation. The scripted experts need ~50-150 steps; shorter budgets are a choice.
-    episode_length: int = METAWORLD_MAX_PATH_LENGTH
+    # Steps per episode, the same however the env is named (the main job's too). The scripted experts
+    # need ~50-150; MetaWorld and LeRobot's metaworld env allow 500 (--env.episode_length=500).
+    episode_length: int = DEFAULT_EPISODE_LENGTH
     # Camera image side in pixels; 0 = state only (no rendering at all).
     image_size: int = 0
     camera_name: str = "corner2"

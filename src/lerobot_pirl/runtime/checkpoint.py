@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ HEADS_FILE = "rl_heads.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ALGORITHM_FILE = "algorithm_config.json"
 TRAIN_CONFIG_FILE = "train_config.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +96,7 @@ def save_checkpoint(
         shutil.rmtree(final_dir)
     staging.rename(final_dir)
     point_last_at(final_dir)
+    logger.info("checkpoint saved: %s", final_dir)
     return final_dir
 
 

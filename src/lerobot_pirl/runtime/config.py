@@ -18,6 +18,7 @@ from lerobot.configs import parser
 from lerobot.configs.default import WandBConfig
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.envs.configs import EnvConfig
+from lerobot.utils.constants import PRETRAINED_MODEL_DIR
 
 import lerobot_pirl.envs  # noqa: F401  (registers --env.type=metaworld_state)
 import lerobot_pirl.policies  # noqa: F401  (registers --policy.type=flow_mlp)
@@ -25,9 +26,8 @@ from lerobot_pirl.algorithms.config import AlgorithmConfig, PPOConfig
 
 logger = logging.getLogger(__name__)
 
-# The main job's task and episode length (BENCHMARKS.md, "Main-job defaults").
+# The main job's task (BENCHMARKS.md, "Main-job defaults"); its episode length is the env's default.
 DEFAULT_TASK = "pick-place-v3"
-DEFAULT_EPISODE_LENGTH = 200  # the scripted expert needs about 50 steps
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,11 @@ def load_policy_config(policy_path: str, cli_overrides: list[str]) -> PreTrained
     looks_local = policy_path.startswith(("/", ".", "~")) or policy_path.count("/") != 1
     if looks_local and not Path(policy_path).expanduser().exists():
         raise ConfigError(f"--policy.path={policy_path}: no such folder (nor a hub id of the form user/name)")
+    inner = Path(policy_path).expanduser() / PRETRAINED_MODEL_DIR
+    if not (Path(policy_path).expanduser() / "config.json").exists() and (inner / "config.json").exists():
+        policy_path = str(
+            inner
+        )  # a lerobot-train or lerobot-pirl-train checkpoint folder, e.g. checkpoints/last
     try:
         config = PreTrainedConfig.from_pretrained(policy_path, cli_overrides=cli_overrides)
     except Exception as error:  # hub, file-system and draccus errors alike end the same way for a user
@@ -51,9 +56,7 @@ def load_policy_config(policy_path: str, cli_overrides: list[str]) -> PreTrained
 
 
 def _default_env() -> EnvConfig:
-    return EnvConfig.get_choice_class("metaworld_state")(
-        task=DEFAULT_TASK, episode_length=DEFAULT_EPISODE_LENGTH
-    )
+    return EnvConfig.get_choice_class("metaworld_state")(task=DEFAULT_TASK)
 
 
 @dataclass
@@ -166,6 +169,8 @@ class TrainConfig:
                 raise ConfigError("--resume=true needs the --output_dir of the run to continue")
             now = dt.datetime.now()
             self.output_dir = Path("outputs/train") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
+        # Saved absolute, so that `--config_path=<run>/train_config.json --resume=true` works from anywhere.
+        self.output_dir = Path(self.output_dir).expanduser().absolute()
 
     def resolve_num_workers(self) -> None:
         """Eval envs and env workers for training and evaluation: checked when given, the machine's

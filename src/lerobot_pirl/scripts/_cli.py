@@ -4,17 +4,23 @@ and the end-of-training report."""
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import huggingface_hub.serialization._torch
 from draccus.utils import ParsingError
 
 from lerobot_pirl.runtime.config import ConfigError
+from lerobot_pirl.scripts.launch import flag_value
 
 # LeRobot's notices that are harmless for what we run, each a screenful or a line on every start: the
 # 100-line torchcodec traceback before it falls back to pyav (FFmpeg's shared libraries are missing; our
-# datasets hold no video), and the video codec it picks for datasets that store images.
+# datasets hold no video), the video codec it picks for datasets that store images, and the weights
+# notice of huggingface_hub, whose logger is named after its file.
 HARMLESS_NOTICES = {
     "lerobot.utils.import_utils": "'torchcodec' is installed but cannot be loaded",
     "lerobot.configs.video": "Using video codec",
+    # names the staging folder of a checkpoint, renamed a moment later; we log the final one
+    huggingface_hub.serialization._torch.__file__: "Model weights successfully saved to",
 }
 _NOTICE_FILTERS = {  # one filter object per logger, so that setting logging up twice adds it once
     name: (lambda record, text=text: text not in str(record.msg)) for name, text in HARMLESS_NOTICES.items()
@@ -53,6 +59,10 @@ def run(main: Callable[[], int], program: str) -> None:
     """Run a `@parser.wrap()` main. Bad input ends as one error line: our ConfigErrors, and draccus'
     ParsingError for a bad flag value (e.g. an unknown task, which the env config rejects in
     `__post_init__`), whose cause holds the real reason."""
+    config_path = flag_value(sys.argv[1:], "--config_path")
+    if config_path is not None and not Path(config_path).expanduser().is_file():
+        print(f"{program}: error: --config_path={config_path}: no such file", file=sys.stderr)
+        sys.exit(2)
     try:
         status = main()
     except ConfigError as error:

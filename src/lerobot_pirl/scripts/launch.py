@@ -21,7 +21,7 @@ DEFAULT_ENV_TYPE = "metaworld_state"  # TrainConfig's default env (checked by a 
 EARLY_ENV_TYPES = ("metaworld_state", "metaworld")
 
 
-def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
     """The last value given to `flag` as `flag=value` or `flag value`."""
     value = None
     for i, arg in enumerate(argv):
@@ -36,13 +36,13 @@ def early_worker_env_type(argv: Sequence[str], cores: int) -> str | None:
     """The env type whose env workers the command line will certainly use, or None when unsure."""
     if cores < 2 or any(arg in ("-h", "--help") for arg in argv):
         return None
-    if _flag_value(argv, "--rollout.use_async_envs") in ("true", "True", "1"):
+    if flag_value(argv, "--rollout.use_async_envs") in ("true", "True", "1"):
         return None
-    if all(_flag_value(argv, f"--{section}.num_workers") == "0" for section in ("rollout", "eval")):
+    if all(flag_value(argv, f"--{section}.num_workers") == "0" for section in ("rollout", "eval")):
         return None
-    env_type = _flag_value(argv, "--env.type")
+    env_type = flag_value(argv, "--env.type")
     if env_type is None:
-        if _flag_value(argv, "--config_path") is not None:
+        if flag_value(argv, "--config_path") is not None:
             return None  # the file may name another env
         env_type = DEFAULT_ENV_TYPE
     return env_type if env_type in EARLY_ENV_TYPES else None
