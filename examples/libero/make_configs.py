@@ -6,7 +6,7 @@ PPO + Flow-SDE, PPO + Flow-Noise, GRPO (Flow-SDE), each as the reference recipe 
 Use a config with `lerobot-pirl-train --config_path=examples/libero/pi0/spatial_ppo_flow_sde.yaml`;
 flags after it override its values (e.g. `--env.task_ids='[3]'`, `--policy.path=<your checkpoint>`).
 
-Reference values (../shared/REFERENCE.md §1, RLinf's πRL configs for LIBERO):
+Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodiment/config):
 - K denoising steps: π0 4 on every suite; π0.5 3 / 3 / 5 / 5 (Spatial / Object / Goal / Long).
 - C executed actions per decision: 5, and 10 on LIBERO-Long (both policies).
 - Flow-SDE noise level a = 0.5; Flow-Noise std in [0.08, 0.16] with entropy bonus 0.005.

@@ -250,7 +250,7 @@ class MetaWorldStateEnvConfig(EnvConfig):
     # Camera image side in pixels; 0 = state only (no rendering at all).
     image_size: int = 0
     camera_name: str = "corner2"
-    # Shadows, reflections and anti-aliasing off: ~10x faster offscreen rendering.
+    # Shadows, reflections and anti-aliasing off: much faster offscreen rendering.
     fast_render: bool = True
     terminate_on_success: bool = True
     features: dict[str, PolicyFeature] = field(

@@ -78,8 +78,8 @@ class RolloutConfig:
     # goal, so success is penalised: pair --rollout.sparse_reward=false with end_on_success=false.
     end_on_success: bool = True
     storage_device: str = "cpu"  # where rollout tensors wait for the update
-    # LIBERO: shadows, reflections, skybox off inside every env worker (~2.6x faster on CPU). Off by
-    # default: it changes what pretrained policies see.
+    # LIBERO: shadows, reflections, skybox off inside every env worker (faster on CPU, BENCHMARKS.md).
+    # Off by default: it changes what pretrained policies see.
     fast_render: bool = False
 
 
