@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,7 +265,12 @@ class Trainer:
                     error = f"{nan_error} at iteration {self.state.iteration + 1}"
                     checkpoint_dir = self._save()
                     raise
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # The schedule counts iterations; one whose GRPO groups all tied made no optimizer step.
+                    warnings.filterwarnings(
+                        "ignore", message=r"Detected call of `lr_scheduler.step\(\)` before"
+                    )
+                    self.scheduler.step()
                 self.state.iteration += 1
                 self.state.elapsed_s = self._elapsed_s()
                 update_s = time.perf_counter() - update_start
