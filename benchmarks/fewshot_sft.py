@@ -17,8 +17,8 @@ from lerobot.envs.configs import EnvConfig
 import lerobot_pirl.envs  # noqa: F401
 from lerobot_pirl.envs.metaworld_state import DEFAULT_EPISODE_LENGTH
 from lerobot_pirl.runtime.bootstrap import bootstrap_flow_policy
-from lerobot_pirl.runtime.config import BootstrapConfig, EvalConfig, RolloutConfig
-from lerobot_pirl.scripts.eval import EvalPipelineConfig, evaluate_policy
+from lerobot_pirl.runtime.config import BootstrapConfig
+from lerobot_pirl.scripts.eval import EvalEpisodesConfig, EvalPipelineConfig, evaluate_policy
 
 
 def main() -> None:
@@ -49,9 +49,7 @@ def main() -> None:
                 cache_dir=Path(args.cache_dir),
             )
             policy_path = bootstrap_flow_policy(env, bootstrap, seed=args.seed)
-            cfg = EvalPipelineConfig(
-                env=env, eval=EvalConfig(n_episodes=args.episodes, videos=0), rollout=RolloutConfig()
-            )
+            cfg = EvalPipelineConfig(env=env, eval=EvalEpisodesConfig(n_episodes=args.episodes, videos=0))
             from lerobot.configs.policies import PreTrainedConfig
 
             cfg.policy = PreTrainedConfig.from_pretrained(policy_path)

@@ -384,6 +384,20 @@ def test_a_missing_config_file_is_one_error_line(monkeypatch, capsys, tmp_path, 
     assert capsys.readouterr().err.strip().endswith(f"--config_path={tmp_path / 'no.yaml'}: no such file")
 
 
+def test_eval_help_lists_what_evaluation_uses_and_no_training_flags(monkeypatch, capsys):
+    from lerobot_pirl.scripts.eval import cli
+
+    monkeypatch.setattr(sys, "argv", ["lerobot-pirl-eval", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for flag in ("--eval.n_episodes", "--eval.batch_size", "--rollout.n_action_steps", "--output_dir"):
+        assert flag in shown
+    for flag in ("--rollout.num_envs", "--rollout.decisions_per_env", "--eval.freq", "--algorithm"):
+        assert flag not in shown
+
+
 def test_a_checkpoint_folder_is_accepted_as_policy_path(tmp_path):
     from lerobot_pirl.runtime.config import load_policy_config
 

@@ -21,7 +21,7 @@ No `from __future__ import annotations`: LeRobot's parser reads the config class
 import datetime as dt
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lerobot.configs import parser
@@ -39,11 +39,42 @@ from lerobot_pirl.scripts._cli import run, setup_logging
 
 
 @dataclass
+class EvalEpisodesConfig:
+    """`--eval.*` of lerobot-pirl-eval: the trainer's EvalConfig without its training schedule."""
+
+    n_episodes: int = EvalConfig.n_episodes  # per task
+    # Parallel eval envs; default: all episodes at once (at most 50) for metaworld_state, else 10.
+    batch_size: int | None = None
+    num_workers: int | None = None  # env worker processes; None = one per core, at most one per env
+    seed: int = EvalConfig.seed  # episode i uses seed + i, as in training
+    videos: int = EvalConfig.videos  # episodes to record per task (when the env renders)
+
+    def to_eval_config(self) -> EvalConfig:
+        return EvalConfig(**asdict(self))
+
+
+@dataclass
+class EvalRolloutConfig:
+    """`--rollout.*` of lerobot-pirl-eval: how the episodes are sampled and scored, as in training."""
+
+    n_action_steps: int | None = None  # C, actions executed per decision; None = the policy's own
+    num_inference_steps: int | None = None  # K, denoising steps; None = the policy's own
+    sparse_reward: bool = RolloutConfig.sparse_reward  # +1 at the first success; false = the env's reward
+    reward_scale: float = RolloutConfig.reward_scale  # multiplies the dense reward
+    end_on_success: bool = RolloutConfig.end_on_success  # the episode ends at its first success
+    fast_render: bool = RolloutConfig.fast_render  # LIBERO: cheap rendering inside every env worker
+    use_async_envs: bool = RolloutConfig.use_async_envs  # LeRobot's one process per env
+
+    def to_rollout_config(self) -> RolloutConfig:
+        return RolloutConfig(**asdict(self))
+
+
+@dataclass
 class EvalPipelineConfig:
     policy: PreTrainedConfig | None = None
     env: EnvConfig = field(default_factory=_default_env)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # uses n_action_steps, K, rewards
+    eval: EvalEpisodesConfig = field(default_factory=EvalEpisodesConfig)
+    rollout: EvalRolloutConfig = field(default_factory=EvalRolloutConfig)
     output_dir: Path | None = None  # default: outputs/eval/<date>/<time>_<job_name>, as lerobot-eval
     job_name: str | None = None  # default: <env type>_<policy type>
     device: str | None = None
@@ -72,9 +103,14 @@ def evaluate_policy_per_task(cfg: EvalPipelineConfig):
     from lerobot_pirl.runtime.suite_evaluation import evaluate_per_task
 
     device = resolve_device(cfg.device)
-    train_cfg = TrainConfig(policy=cfg.policy, env=cfg.env, rollout=cfg.rollout, eval=cfg.eval)
+    train_cfg = TrainConfig(
+        policy=cfg.policy,
+        env=cfg.env,
+        rollout=cfg.rollout.to_rollout_config(),
+        eval=cfg.eval.to_eval_config(),
+    )
     policy, preprocessor, postprocessor = build_rl_policy(train_cfg, cfg.policy.pretrained_path, device)
-    video_dir = Path(cfg.output_dir) / "videos"
+    video_dir = Path(cfg.output_dir) / "videos" if cfg.output_dir is not None else None
     return evaluate_per_task(
         train_cfg, policy, preprocessor, postprocessor, device=device, video_dir=video_dir
     )
