@@ -39,11 +39,11 @@ def load_policy_config(policy_path: str, cli_overrides: list[str]) -> PreTrained
     looks_local = policy_path.startswith(("/", ".", "~")) or policy_path.count("/") != 1
     if looks_local and not Path(policy_path).expanduser().exists():
         raise ConfigError(f"--policy.path={policy_path}: no such folder (nor a hub id of the form user/name)")
+    # A lerobot-train or lerobot-pirl-train checkpoint folder (e.g. checkpoints/last) holds the policy in
+    # pretrained_model/.
     inner = Path(policy_path).expanduser() / PRETRAINED_MODEL_DIR
     if not (Path(policy_path).expanduser() / "config.json").exists() and (inner / "config.json").exists():
-        policy_path = str(
-            inner
-        )  # a lerobot-train or lerobot-pirl-train checkpoint folder, e.g. checkpoints/last
+        policy_path = str(inner)
     try:
         config = PreTrainedConfig.from_pretrained(policy_path, cli_overrides=cli_overrides)
     except Exception as error:  # hub, file-system and draccus errors alike end the same way for a user
@@ -53,6 +53,12 @@ def load_policy_config(policy_path: str, cli_overrides: list[str]) -> PreTrained
         ) from error
     config.pretrained_path = Path(policy_path)
     return config
+
+
+def timestamped_output_dir(root: str, job_name: str) -> Path:
+    """`<root>/<date>/<time>_<job_name>`, LeRobot's layout for a run's outputs."""
+    now = dt.datetime.now()
+    return Path(root) / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{job_name}"
 
 
 def _default_env() -> EnvConfig:
@@ -167,8 +173,7 @@ class TrainConfig:
         if self.output_dir is None:
             if self.resume:
                 raise ConfigError("--resume=true needs the --output_dir of the run to continue")
-            now = dt.datetime.now()
-            self.output_dir = Path("outputs/train") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
+            self.output_dir = timestamped_output_dir("outputs/train", self.job_name)
         # Saved absolute, so that `--config_path=<run>/train_config.json --resume=true` works from anywhere.
         self.output_dir = Path(self.output_dir).expanduser().absolute()
 

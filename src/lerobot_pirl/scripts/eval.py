@@ -18,7 +18,6 @@ videos (when the env renders) to `--output_dir`, by default `outputs/eval/<date>
 No `from __future__ import annotations`: LeRobot's parser reads the config class from `main`'s annotation.
 """
 
-import datetime as dt
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from lerobot_pirl.runtime.config import (
     RolloutConfig,
     _default_env,
     load_policy_config,
+    timestamped_output_dir,
 )
 from lerobot_pirl.scripts._cli import run, setup_logging
 
@@ -87,8 +87,7 @@ class EvalPipelineConfig:
         if not self.job_name:
             self.job_name = f"{self.env.type}_{self.policy.type}"
         if self.output_dir is None:
-            now = dt.datetime.now()
-            self.output_dir = Path("outputs/eval") / f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{self.job_name}"
+            self.output_dir = timestamped_output_dir("outputs/eval", self.job_name)
 
     @classmethod
     def __get_path_fields__(cls) -> list[str]:
