@@ -25,5 +25,5 @@ test: .venv/.synced
 	HF_HUB_OFFLINE=1 MUJOCO_GL=egl .venv/bin/python -m pytest -n 2 $(PYTEST_ARGS)
 
 lint: .venv/.synced
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests benchmarks plugins
+	.venv/bin/ruff format --check src tests benchmarks plugins

@@ -31,7 +31,6 @@ from lerobot.envs.utils import close_envs
 
 from lerobot_pirl.algorithms.base import make_algorithm
 from lerobot_pirl.algorithms.update import make_optimizer, policy_update
-from lerobot_pirl.rollout.forkserver import start_forkserver
 from lerobot_pirl.rollout.workers import ShardedVectorEnv
 from lerobot_pirl.runtime.config import TrainConfig
 from lerobot_pirl.runtime.envs import WORKER_ENV_TYPES, make_rollout_envs
@@ -41,6 +40,7 @@ from lerobot_pirl.runtime.factory import (
     resolve_policy_source,
     single_vec_env,
 )
+from lerobot_pirl_launch.forkserver import start_forkserver
 
 
 def worker_memory_mib(vec_env) -> dict[str, float]:

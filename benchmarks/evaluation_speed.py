@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from lerobot.envs.utils import close_envs
 
-from lerobot_pirl.rollout.forkserver import start_forkserver
 from lerobot_pirl.runtime.config import TrainConfig
 from lerobot_pirl.runtime.envs import WORKER_ENV_TYPES
 from lerobot_pirl.runtime.evaluation import evaluate
 from lerobot_pirl.runtime.factory import build_collector, build_rl_policy, resolve_policy_source
+from lerobot_pirl_launch.forkserver import start_forkserver
 
 CONFIGURATIONS = ((10, 0), (10, 2), (50, 0), (50, 2))  # (eval envs, recorded videos)
 

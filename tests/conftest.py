@@ -20,7 +20,7 @@ def _env_worker_forkserver():
     """One forkserver per test process with the env and runtime modules imported, started before any
     test forks from it (env workers, learner/actor processes), so every forked process starts in
     seconds instead of re-importing torch, LeRobot and MetaWorld."""
-    from lerobot_pirl.rollout.forkserver import start_forkserver
     from lerobot_pirl.testing.processes import PRELOAD
+    from lerobot_pirl_launch.forkserver import start_forkserver
 
     start_forkserver(["lerobot_pirl.envs.metaworld_state", *PRELOAD])

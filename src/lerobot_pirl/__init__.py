@@ -1,7 +1,9 @@
 """lerobot-pirl: online RL fine-tuning of LeRobot flow-matching policies (πRL, arXiv 2510.25889).
 
-LeRobot's CLIs load the package's plugins (the ``flow_mlp`` policy type, the ``metaworld_state`` env)
-with ``--discover_packages_path=lerobot_pirl``; our own CLIs register them themselves.
+Importing the package registers its LeRobot plugins, the ``flow_mlp`` policy type and the
+``metaworld_state`` env type, so that ``PreTrainedConfig.from_pretrained`` knows them. LeRobot's CLIs import
+it themselves through the ``lerobot_policy_pirl`` distribution it installs, which LeRobot's plugin discovery
+finds by its name.
 """
 
 import os
@@ -10,3 +12,7 @@ import os
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 __version__ = "0.1.0"
+
+from lerobot_pirl import envs, policies  # noqa: E402  (registers the plugin types)
+
+__all__ = ["envs", "policies"]

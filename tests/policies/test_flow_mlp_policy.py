@@ -322,7 +322,6 @@ def test_lerobot_train_cli_trains_flow_mlp_and_writes_a_loadable_checkpoint(tiny
     command = [
         train_command,
         "--policy.type=flow_mlp",
-        "--policy.discover_packages_path=lerobot_pirl",
         "--policy.device=cpu",
         "--policy.push_to_hub=false",
         f"--policy.chunk_size={CHUNK_SIZE}",

@@ -5,7 +5,7 @@ from lerobot.envs.configs import LiberoEnv
 
 from lerobot_pirl.runtime.config import ConfigError, EvalConfig, RolloutConfig, TrainConfig, _default_env
 from lerobot_pirl.runtime.envs import resolve_eval_batch_size
-from lerobot_pirl.scripts.launch import DEFAULT_ENV_TYPE, early_worker_env_type
+from lerobot_pirl_launch.train import DEFAULT_ENV_TYPE, early_worker_env_type
 
 
 def resolved(cores: int, monkeypatch, **sections) -> TrainConfig:

@@ -33,7 +33,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import CloudpickleWrapper
 
 from lerobot_pirl.rollout.chunks import ChunkOutcome, RewardRules, render_frames, reset_envs, run_chunk
-from lerobot_pirl.rollout.forkserver import start_forkserver
+from lerobot_pirl_launch.forkserver import start_forkserver
 
 logger = logging.getLogger(__name__)
 

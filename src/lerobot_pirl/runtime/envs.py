@@ -33,9 +33,9 @@ from lerobot.envs.configs import EnvConfig
 from lerobot.envs.factory import make_env
 from lerobot.envs.utils import env_to_policy_features
 
-from lerobot_pirl.rollout.forkserver import ENV_PRELOAD, start_forkserver
 from lerobot_pirl.rollout.workers import ShardedVectorEnvBuilder
 from lerobot_pirl.runtime.config import ConfigError
+from lerobot_pirl_launch.forkserver import ENV_PRELOAD, start_forkserver
 
 logger = logging.getLogger(__name__)
 

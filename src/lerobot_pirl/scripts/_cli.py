@@ -10,7 +10,7 @@ import huggingface_hub.serialization._torch
 from draccus.utils import ParsingError
 
 from lerobot_pirl.runtime.config import ConfigError
-from lerobot_pirl.scripts.launch import flag_value
+from lerobot_pirl_launch.train import flag_value
 
 # LeRobot's notices that are harmless for what we run, each a screenful or a line on every start: the
 # 100-line torchcodec traceback before it falls back to pyav (FFmpeg's shared libraries are missing; our

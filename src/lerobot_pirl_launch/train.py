@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lerobot_pirl.rollout.forkserver import ENV_PRELOAD, start_forkserver
+from lerobot_pirl_launch.forkserver import ENV_PRELOAD, start_forkserver
 
 DEFAULT_ENV_TYPE = "metaworld_state"  # TrainConfig's default env (checked by a test)
 # Env types whose forkserver may start before the config is parsed (LIBERO first runs a set-up step).
