@@ -1,6 +1,7 @@
-"""The ready LIBERO configs in examples/libero parse into TrainConfig the way `lerobot-pirl-train
---config_path=...` parses them (LeRobot's parser, no model loading) and carry the reference recipe
-(REFERENCE.md §1), written out here independently of the script that generates them.
+"""The ready LIBERO configs in lerobot_pirl/examples/libero parse into TrainConfig the way
+`lerobot-pirl-train --config_path=...` parses them (LeRobot's parser, no model loading) and carry the
+reference recipe (RLinf's πRL configs for LIBERO), written out here independently of the script that
+generates them.
 
 No `from __future__ import annotations`: LeRobot's parser reads the config class from the annotation."""
 
@@ -15,12 +16,13 @@ import yaml
 from lerobot.configs import parser
 
 from lerobot_pirl.algorithms.config import GRPOConfig, PPOConfig
+from lerobot_pirl.examples import EXAMPLES_DIR
 from lerobot_pirl.runtime.config import TrainConfig
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "libero"
+EXAMPLES = EXAMPLES_DIR / "libero"
 CONFIGS = sorted(EXAMPLES.glob("*/*.yaml"))
 
-# REFERENCE.md §1 / RLinf's LIBERO configs: suite -> (LeRobot suite, episode length, C).
+# RLinf's LIBERO configs: suite -> (LeRobot suite, episode length, C).
 SUITES = {
     "spatial": ("libero_spatial", 240, 5),
     "object": ("libero_object", 240, 5),
@@ -160,4 +162,4 @@ def test_configs_are_what_the_generator_writes():
     written = module.all_configs()
     assert sorted(written) == CONFIGS
     for path, text in written.items():
-        assert path.read_text() == text, f"{path} is stale: run python examples/libero/make_configs.py"
+        assert path.read_text() == text, f"{path} is stale: run python {EXAMPLES / 'make_configs.py'}"

@@ -1,9 +1,10 @@
 """Write the ready LIBERO configs of this folder: π0 / π0.5 × Spatial / Object / Goal / Long ×
 PPO + Flow-SDE, PPO + Flow-Noise, GRPO (Flow-SDE), each as the reference recipe and as a one-GPU variant.
 
-    python examples/libero/make_configs.py        # rewrites examples/libero/{pi0,pi05}/*.yaml
+    python src/lerobot_pirl/examples/libero/make_configs.py    # rewrites {pi0,pi05}/*.yaml beside it
 
-Use a config with `lerobot-pirl-train --config_path=examples/libero/pi0/spatial_ppo_flow_sde.yaml`;
+Use a config with
+`lerobot-pirl-train --config_path=$(python -m lerobot_pirl.examples)/libero/pi0/spatial_ppo_flow_sde.yaml`;
 flags after it override its values (e.g. `--env.task_ids='[3]'`, `--policy.path=<your checkpoint>`).
 
 Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodiment/config):
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).parent
-REPO = HERE.parent.parent
+EXAMPLES = HERE.parent  # what `python -m lerobot_pirl.examples` prints
 
 # LeRobot's published LIBERO fine-tunes (hub ids, not downloaded here). Override with --policy.path.
 POLICY_PATHS = {"pi0": "lerobot/pi0_libero_finetuned", "pi05": "lerobot/pi05_libero_finetuned"}
@@ -135,11 +136,11 @@ def config_path(policy: str, suite: str, algorithm: str, scale: str) -> Path:
 
 def header(policy: str, suite: str, algorithm: str, scale: str) -> str:
     where = "one 80 GB GPU" if scale == "1gpu" else "the reference scale (64 envs x 8 rollout epochs)"
-    path = config_path(policy, suite, algorithm, scale)
+    name = config_path(policy, suite, algorithm, scale).relative_to(EXAMPLES)
     return (
         f"# {policy} on LIBERO {suite} ({SUITES[suite][0]}), {algorithm}, {where}.\n"
-        "# Written by examples/libero/make_configs.py; see its docstring for where each value comes from.\n"
-        f"#   lerobot-pirl-train --config_path={path.relative_to(REPO)}\n"
+        "# Written by lerobot_pirl/examples/libero/make_configs.py (its docstring: where values come from).\n"
+        f"#   lerobot-pirl-train --config_path=$(python -m lerobot_pirl.examples)/{name}\n"
     )
 
 
