@@ -198,6 +198,13 @@ class FlowRLPolicy(nn.Module):
 
     # ---- public API -------------------------------------------------------------------------------
 
+    def initial_noise(self, generators: list[torch.Generator]) -> Tensor:
+        """x_0 of one chain per generator, (B, H, A), drawn on the CPU so that a generator's draws do not
+        depend on the device or on the other rows of the batch."""
+        sizes = self.adapter.sizes
+        shape = (sizes.chunk_size, sizes.action_dim)
+        return torch.stack([torch.randn(shape, generator=generator) for generator in generators])
+
     @torch.no_grad()
     def sample(
         self,

@@ -159,7 +159,7 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
     assert reference == (0.2, 0.99, 0.95, 1e-4, 0.5)
     sizes = ("actor_lr", "minibatch_size", "update_epochs")
     reference, small = ppo.resolved("pi0"), ppo.resolved("flow_mlp")
-    assert [getattr(reference, name) for name in sizes] == [5e-6, 2048, 4]  # REFERENCE.md §1
+    assert [getattr(reference, name) for name in sizes] == [5e-6, 2048, 4]  # RLinf's π0 LIBERO recipe
     assert [getattr(small, name) for name in sizes] == [3e-5, 400, 10]
     explicit = PPOConfig(actor_lr=1e-3, minibatch_size=64, update_epochs=2).resolved("flow_mlp")
     assert [getattr(explicit, name) for name in sizes] == [1e-3, 64, 2]

@@ -112,3 +112,18 @@ def test_a_vector_env_that_cannot_freeze_is_refused():
 
     with pytest.raises(TypeError, match="freeze"):
         ChunkCollector(Opaque(), toy_rl_policy())
+
+
+def test_seeded_episodes_draw_their_initial_noise_from_their_own_generator():
+    # Reproducible evaluation (issue 17): an episode's chains do not depend on the batch it runs in or on
+    # the global RNG, only on its env seed and noise seed.
+    pair = make_collector(num_envs=2).collect_episodes([0, 1], "ode", noise_seeds=[10, 11])
+    torch.manual_seed(1234)
+    alone = make_collector(num_envs=1).collect_episodes([1], "ode", noise_seeds=[11])
+    torch.testing.assert_close(alone.chains[:, 0], pair.chains[:, 1], rtol=0, atol=0)
+    chunk_size, action_dim = pair.chains.shape[-2:]
+    generator = torch.Generator().manual_seed(11)
+    first_two = torch.stack([torch.randn((chunk_size, action_dim), generator=generator) for _ in range(2)])
+    torch.testing.assert_close(pair.chains[:2, 1, 0], first_two, rtol=0, atol=0)  # x_0 of decisions 0, 1
+    with pytest.raises(ValueError, match="one noise seed per env"):
+        make_collector(num_envs=2).collect_episodes([0, 1], "ode", noise_seeds=[10])

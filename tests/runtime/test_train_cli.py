@@ -405,3 +405,33 @@ def test_a_checkpoint_folder_is_accepted_as_policy_path(tmp_path):
     save_tiny_flow_mlp(checkpoint / "pretrained_model")
     config = load_policy_config(str(checkpoint), [])
     assert config.type == "flow_mlp" and config.pretrained_path == checkpoint / "pretrained_model"
+
+
+def test_evaluation_is_reproducible_in_the_run_and_by_lerobot_pirl_eval(monkeypatch, tmp_path, policy_dir):
+    # Issue 16/17: dense returns tell apart any change of the sampled noise. With a learning rate far below
+    # float32 resolution the weights never change, so the SFT and final evaluations agree; lerobot-pirl-eval on the saved
+    # checkpoint must give the trainer's number, bit for bit with the same batch size.
+    from lerobot_pirl.scripts.eval import main as eval_main
+
+    dense = ["--rollout.sparse_reward=false", "--rollout.end_on_success=false", "--rollout.reward_scale=0.01"]
+    env = ["--env.type=metaworld_state", "--env.task=reach-v3", "--env.episode_length=24"]
+    out = tmp_path / "run"
+    args = [f"--policy.path={policy_dir}", *FAST_RUN, *dense, "--eval.n_episodes=3", "--eval.batch_size=3"]
+    args += ["--algorithm.actor_lr=1e-30", "--iterations=1", f"--output_dir={out}"]
+    assert run_main(monkeypatch, args) == 0
+    sft, final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert final["eval/episode_return"] == sft["eval/episode_return"] != 0.0
+
+    def lerobot_pirl_eval(batch_size: int, folder: str) -> float:
+        eval_args = [f"--policy.path={out / 'checkpoints' / 'last'}", *env, *dense, "--eval.n_episodes=3"]
+        eval_args += [
+            f"--eval.batch_size={batch_size}",
+            "--eval.videos=0",
+            f"--output_dir={tmp_path / folder}",
+        ]
+        monkeypatch.setattr(sys, "argv", ["lerobot-pirl-eval", *eval_args])
+        assert eval_main() == 0
+        return json.loads((tmp_path / folder / "eval_info.json").read_text())["overall"]["avg_sum_reward"]
+
+    assert lerobot_pirl_eval(3, "eval_a") == lerobot_pirl_eval(3, "eval_b") == final["eval/episode_return"]
+    assert lerobot_pirl_eval(1, "eval_c") == pytest.approx(final["eval/episode_return"], rel=1e-4)

@@ -1,6 +1,6 @@
 """Algorithm configs: `--algorithm.type=ppo|grpo`, `--algorithm.exploration=flow_sde|flow_noise`.
 
-Defaults are the reference recipe (REFERENCE.md §1: RLinf's πRL configs for π0 on LIBERO); the main
+Defaults are the reference recipe (RLinf's πRL configs for π0 on LIBERO); the main
 job's small flow_mlp policy gets its own learning rate and batch sizes (`AlgorithmConfig.resolved`).
 """
 
@@ -13,7 +13,7 @@ import draccus
 
 EXPLORATIONS = ("flow_sde", "flow_noise")
 VALUE_FEATURES = ("prefix", "expert")
-# Values the config leaves as None, per policy size: the reference recipe (REFERENCE.md §1) for the VLAs
+# Values the config leaves as None, per policy size: the reference recipe (RLinf's πRL configs) for the VLAs
 # (~300 M trained parameters), and the measured choice for the small flow_mlp (BENCHMARKS.md, "Per-policy
 # update defaults").
 REFERENCE_DEFAULTS = {"actor_lr": 5e-6, "minibatch_size": 2048, "update_epochs": 4}
@@ -56,7 +56,7 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     micro_batch_size: int | None = 128  # decisions per forward/backward (gradient accumulation); None = all
     clip_ratio: float = 0.2
     normalize_advantages: bool = True
-    # Stability (REFERENCE.md §3: late collapses without a KL term): stop the epoch loop of an
+    # Stability against late collapses: stop the epoch loop of an
     # update once the mean approx-KL of an epoch exceeds this. None = never stop early (the reference).
     target_kl: float | None = None
     lr_schedule: str = "constant"

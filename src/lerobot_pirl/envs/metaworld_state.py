@@ -3,7 +3,7 @@
 LeRobot's own ``--env.type=metaworld`` exposes only 480×480 pixels and the 4-d hand position (its
 ``obs_type="state"`` raises NotImplementedError). State-based policies (``flow_mlp``) and fast RL need
 MetaWorld's 39-d observation, which holds the object and goal positions, and optionally a small camera
-image rendered with cheap settings (REFERENCE.md §5: ~10x faster than MetaWorld's defaults).
+image rendered with cheap settings (no shadows or reflections), far faster than MetaWorld's defaults.
 
 Observation of one sub-env (keys chosen so that ``lerobot.envs.utils.preprocess_observation`` maps them):
     agent_pos          (4,)      float32  hand xyz + gripper opening           -> observation.state
@@ -209,7 +209,7 @@ class MetaWorldStateEnv(gym.Env):
             # terminates EGL in an atexit hook, and hooks run last-registered first.
             atexit.register(_close_renderers_of, weakref.ref(self))
         if self.fast_render:
-            # Shadows and reflections cost most of the render time at small sizes (REFERENCE.md §5).
+            # Shadows and reflections cost most of the render time at small sizes.
             renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
             renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
         return renderer

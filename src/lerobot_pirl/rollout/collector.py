@@ -224,9 +224,13 @@ class ChunkCollector:
         max_decisions: int | None = None,
         before_reset: Callable[[gym.vector.VectorEnv, list[int]], None] | None = None,
         record: int = 0,
+        noise_seeds: list[int] | None = None,
     ) -> RolloutBatch:
         """Episodic mode (GRPO, evaluation): one episode per env from the given seeds, masked after its end.
 
+        `noise_seeds` (one per env) seeds a generator per episode that draws the initial noise of each of
+        its chains, so that an ODE episode depends only on its env seed, its noise seed and the policy,
+        not on the batch it runs in or on the global RNG (issue 17: reproducible evaluation).
         `before_reset(vec_env, seeds)` may prepare group resets (e.g. LIBERO init states). `record` > 0
         keeps RGB frames of `record` envs spread evenly over the N (so over the env workers, which render
         them in parallel) in `recorded_frames`, their indices in `recorded_envs`: the reset frame, then
@@ -235,6 +239,8 @@ class ChunkCollector:
         """
         if len(seeds) != self.num_envs:
             raise ValueError(f"need one seed per env ({self.num_envs}), got {len(seeds)}")
+        if noise_seeds is not None and len(noise_seeds) != self.num_envs:
+            raise ValueError(f"need one noise seed per env ({self.num_envs}), got {len(noise_seeds)}")
         if before_reset is not None:
             before_reset(self.vec_env, seeds)
         self._observation = self.reset(list(seeds))
@@ -249,7 +255,10 @@ class ChunkCollector:
         if max_decisions is None:
             max_steps = int(np.max(self.vec_env.call("_max_episode_steps")))
             max_decisions = -(-max_steps // self.policy.n_action_steps) + 1
-        batch = self._rollout(max_decisions, mode, stats, slot, continuous=False, record=self.recorded_envs)
+        generators = None if noise_seeds is None else [torch.Generator().manual_seed(s) for s in noise_seeds]
+        batch = self._rollout(
+            max_decisions, mode, stats, slot, False, record=self.recorded_envs, generators=generators
+        )
         self._observation = None  # the continuous mode must not resume from these frozen envs
         return batch
 
@@ -261,8 +270,10 @@ class ChunkCollector:
         slot: np.ndarray,
         continuous: bool,
         record: list[int] | None = None,
+        generators: list[torch.Generator] | None = None,
     ) -> RolloutBatch:
-        """`slot` (N,): each env's running episode in `stats` (-1: none yet), updated as episodes restart."""
+        """`slot` (N,): each env's running episode in `stats` (-1: none yet), updated as episodes restart.
+        `generators` (N): each env's source of initial chain noise (else the global RNG)."""
         active = slot >= 0  # the env's episode is running (episodic mode: until it ends)
         store: dict[str, Any] = {}  # (T, N, ...) storage, allocated at the first decision
         env_steps, decisions = 0, 0
@@ -275,7 +286,8 @@ class ChunkCollector:
                 active = np.array([seed is None for seed in reset_seeds])  # resetting envs sit this one out
                 self._pending_seeds = [None] * self.num_envs
             batch = self.policy_inputs(self._observation)
-            sample = self.policy.sample(batch, mode)
+            noise = None if generators is None else self.policy.initial_noise(generators)  # (N, H, A)
+            sample = self.policy.sample(batch, mode, noise=noise)
             observation = self._storable(batch)
             if not store:
                 store = self._allocate(num_decisions, observation, sample.chain)

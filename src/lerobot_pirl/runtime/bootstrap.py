@@ -1,7 +1,7 @@
 """The few-shot SFT starting point of the main job: scripted MetaWorld demos -> flow_mlp, cached.
 
 πRL starts from a supervised policy that succeeds sometimes (the paper's few-shot SFT baselines sit at
-40-77%; REFERENCE.md §3: runs starting below ~5% noisy success never took off). Without
+40-77%; from a policy that almost never succeeds RL has nothing to learn from). Without
 `--policy.path`, `lerobot-pirl-train` records imperfect expert demos of the task (by default 20, with
 action noise 0.5: `BootstrapConfig`) and trains a flow_mlp on them with LeRobot's flow-matching loss,
 once; later runs reuse the cached checkpoint.

@@ -1,5 +1,5 @@
-"""Deterministic evaluation: the same ODE sampler, K and episode seeds for the SFT baseline and every
-RL checkpoint (REFERENCE.md §3: protocol mismatches explain most "RL made it worse" reports)."""
+"""Deterministic evaluation: the same ODE sampler, K, episode seeds and initial noise for the SFT baseline
+and every RL checkpoint (a protocol mismatch between them reads as "RL made it worse")."""
 
 from __future__ import annotations
 
@@ -80,8 +80,9 @@ def evaluate(
     before_reset=None,
     description: str = "eval",
 ) -> EvalResult:
-    """Run `n_episodes` deterministic (ODE) episodes, episode i reset with `seed + i`; a terminal shows
-    the episodes done as each round of `collector.num_envs` ends."""
+    """Run `n_episodes` deterministic (ODE) episodes: episode i is reset with `seed + i` and draws its chains'
+    initial noise from a generator seeded with `seed + i`, so the same policy gets the same result for any
+    number of envs and whatever ran before. A terminal shows the episodes done as each round ends."""
     num_envs = collector.num_envs
     successes, returns, lengths = [], [], []
     videos = []
@@ -90,7 +91,9 @@ def evaluate(
     while len(successes) < n_episodes:
         seeds = [seed + round_index * num_envs + i for i in range(num_envs)]
         record = min(n_videos, num_envs) if round_index == 0 and video_dir else 0
-        batch = collector.collect_episodes(seeds, "ode", before_reset=before_reset, record=record)
+        batch = collector.collect_episodes(
+            seeds, "ode", before_reset=before_reset, record=record, noise_seeds=seeds
+        )
         take = min(num_envs, n_episodes - len(successes))
         successes += batch.episode_success[:take].tolist()
         returns += batch.episode_returns[:take].tolist()

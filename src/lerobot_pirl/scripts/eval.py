@@ -8,8 +8,10 @@
         --env.task=libero_spatial,libero_object --env.hard_reset=false \\
         --rollout.num_inference_steps=4 --rollout.n_action_steps=5 --eval.n_episodes=50
 
-The protocol is the trainer's: the same sampler, K, and episode seeds (`--eval.seed` + i), so the SFT
-baseline and every RL checkpoint are compared on the same episodes. Every task the env config selects is
+The protocol is the trainer's: the same sampler and K, and episode i reset with seed `--eval.seed` + i
+and drawing its initial noise from a generator of the same seed. The same command gives the same number,
+and it reproduces the trainer's evaluation of a checkpoint given the run's env, `--rollout.*` and
+`--eval.*` values (the same `--eval.batch_size` for the last bit). Every task the env config selects is
 evaluated on its own (`--eval.n_episodes` per task; on LIBERO episode i starts from init state i),
 with per-task, per-suite and overall success. Writes `eval_info.json` in `lerobot-eval`'s layout
 (`overall.pc_success`, `per_group`, `per_task[].metrics`, plus Wilson intervals and mean lengths) and

@@ -4,7 +4,7 @@ Each ``make_tiny_<type>`` returns a :class:`TinyPolicy` ``(policy, preprocessor,
 LeRobot policy object of that type (same classes, same forward code, only the widths shrunk) and its
 real LeRobot processor pipelines, with a local word-level tokenizer instead of a hub download.
 
-How the models are shrunk (LeRobot 0.6.1 has no small variant; see REFERENCE.md §4):
+How the models are shrunk (LeRobot 0.6.1 has no small variant):
 
 - pi0 / pi05 build their PaliGemma + Gemma expert from the module-level ``get_gemma_config`` and the
   classes ``PaliGemmaForConditionalGenerationWithPiGemma`` / ``PiGemmaForCausalLM`` named in
