@@ -435,3 +435,84 @@ def test_evaluation_is_reproducible_in_the_run_and_by_lerobot_pirl_eval(monkeypa
 
     assert lerobot_pirl_eval(3, "eval_a") == lerobot_pirl_eval(3, "eval_b") == final["eval/episode_return"]
     assert lerobot_pirl_eval(1, "eval_c") == pytest.approx(final["eval/episode_return"], rel=1e-4)
+
+
+def test_a_bootstrap_run_records_the_sft_policy_it_started_from(monkeypatch, tmp_path):
+    cache = tmp_path / "cache"
+    tiny_bootstrap = ["--bootstrap.num_demos=2", "--bootstrap.sft_steps=4", "--bootstrap.batch_size=8"]
+    args = [*FAST_RUN, *tiny_bootstrap, f"--bootstrap.cache_dir={cache}", "--iterations=1"]
+    assert run_main(monkeypatch, [*args, f"--output_dir={tmp_path / 'run'}"]) == 0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())["policy"]
+    (sft_config,) = cache.glob("**/config.json")
+    assert saved["type"] == "flow_mlp" and Path(saved["pretrained_path"]) == sft_config.parent
+
+
+class FakeWandB:
+    """Records what the trainer hands to W&B (the real client needs its service process and an account);
+    `init` leaves the run file where W&B does, `<dir>/wandb/latest-run/run-<id>.wandb`."""
+
+    def __init__(self):
+        self.inits, self.logs, self.artifacts = [], [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        run_id = kwargs["id"] or f"run{len(self.inits)}"
+        latest = Path(kwargs["dir"]) / "wandb" / "latest-run"
+        latest.mkdir(parents=True, exist_ok=True)
+        (latest / f"run-{run_id}.wandb").touch()
+        fake = self
+
+        class Run:
+            id = run_id
+
+            def log(self, data, step):
+                fake.logs.append((step, data))
+
+            def log_artifact(self, artifact):
+                fake.artifacts.append(artifact)
+
+            def get_url(self):
+                return None
+
+            def finish(self):
+                pass
+
+        return Run()
+
+    class Video:
+        def __init__(self, path, format):
+            self.path = path
+
+    class Artifact:
+        def __init__(self, name, type):
+            self.name, self.type, self.dirs = name, type, []
+
+        def add_dir(self, path):
+            self.dirs.append(Path(path))
+
+
+def test_wandb_gets_videos_checkpoints_and_continues_the_same_run_on_resume(
+    monkeypatch, tmp_path, policy_dir
+):
+    fake = FakeWandB()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    args = [f"--policy.path={policy_dir}", *FAST_RUN, "--eval.freq=1", f"--output_dir={out}"]
+    args += ["--wandb.enable=true", "--wandb.mode=offline", "--job_name=wb"]
+    assert run_main(monkeypatch, [*args, "--iterations=2"]) == 0
+    (first,) = fake.inits
+    assert first["id"] is None and first["resume"] is None and first["mode"] == "offline"
+    assert first["tags"] == ["policy:flow_mlp", "seed:3", "env:metaworld_state"]
+    assert [step for step, _ in fake.logs] == [0, 1, 2]
+    for _, data in fake.logs:  # every evaluation's video, with its metrics row
+        (video,) = data["eval/videos"]
+        assert Path(video.path).is_file() and "eval/success_rate" in data
+    (artifact,) = fake.artifacts
+    assert (artifact.name, artifact.type) == ("wb-000002", "model")
+    assert artifact.dirs == [out / "checkpoints" / "000002" / "pretrained_model"]
+    assert json.loads((out / "train_config.json").read_text())["wandb"]["run_id"] == "run1"
+
+    assert run_main(monkeypatch, [*args, "--iterations=3", "--resume=true"]) == 0
+    assert (fake.inits[1]["id"], fake.inits[1]["resume"]) == ("run1", "must")
+    assert [step for step, _ in fake.logs[3:]] == [3]
+    assert [a.name for a in fake.artifacts] == ["wb-000002", "wb-000003"]

@@ -44,7 +44,7 @@ from lerobot_pirl.runtime.checkpoint import (
     save_checkpoint,
     save_config,
 )
-from lerobot_pirl.runtime.config import ConfigError, TrainConfig
+from lerobot_pirl.runtime.config import ConfigError, TrainConfig, load_policy_config
 from lerobot_pirl.runtime.envs import episode_reset_hook, evaluation_reset_hook, start_env_worker_server
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.factory import (
@@ -210,11 +210,12 @@ class Trainer:
         self.resume_from = last_checkpoint(self.output_dir) if cfg.resume else None
         if cfg.resume and self.resume_from is None:
             raise ConfigError(f"--resume=true but {self.output_dir}/checkpoints/last does not exist")
+        policy_path = policy_source(cfg, self.resume_from)
+        if cfg.policy is None and self.resume_from is None:
+            # The bootstrapped SFT policy: train_config.json names the checkpoint the run started from.
+            cfg.policy = load_policy_config(str(policy_path), [])
         self.policy, self.preprocessor, self.postprocessor = build_rl_policy(
-            cfg,
-            policy_source(cfg, self.resume_from),
-            self.device,
-            apply_cli_overrides=self.resume_from is None,
+            cfg, policy_path, self.device, apply_cli_overrides=self.resume_from is None
         )
         self.algorithm = make_algorithm(cfg.algorithm)
         if main:
@@ -283,12 +284,16 @@ class Trainer:
                     **update_metrics,
                     **collected.metrics,
                 }
+                videos = []
                 if final_iteration or self._due(self.cfg.eval.freq):
                     last_eval = self.evaluate(f"iter{self.state.iteration:06d}")
                     row.update(last_eval.to_metrics())
-                self._log(row)
+                    videos = last_eval.videos
+                self._log(row, videos)
                 if final_iteration or self._due(self.cfg.save_freq):
                     checkpoint_dir = self._save()
+                    if self.wandb is not None:
+                        self.wandb.log_checkpoint(checkpoint_dir)
                     plot_learning_curves(
                         self.metrics.rows, self.output_dir / "plots", title=self.cfg.job_name
                     )
@@ -351,7 +356,7 @@ class Trainer:
     def _evaluate_sft(self) -> EvalResult:
         result = self.evaluate("sft")
         self.state.sft_success_rate, self.state.sft_eval_episodes = result.success_rate, result.n_episodes
-        self._log({"iteration": 0, "env_steps": 0, **result.to_metrics()})
+        self._log({"iteration": 0, "env_steps": 0, **result.to_metrics()}, result.videos)
         return result
 
     def _iteration_row(self, collected: Collected, update_s: float) -> dict[str, float]:
@@ -391,10 +396,10 @@ class Trainer:
             state=self.state,
         )
 
-    def _log(self, row: dict) -> None:
+    def _log(self, row: dict, videos: list[str] = ()) -> None:
         self.metrics.append(row)
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in row.items() if v is not None}, step=row["iteration"])
+            self.wandb.log(row, videos)
 
     def _elapsed_s(self) -> float:
         """Training wall time of the whole run, resumed runs included."""
@@ -439,19 +444,9 @@ class Trainer:
     def _init_wandb(self):
         if not self.cfg.wandb.enable:
             return None
-        import draccus
-        import wandb
+        from lerobot_pirl.runtime.wandb_run import WandBRun
 
-        return wandb.init(
-            project=self.cfg.wandb.project,
-            entity=self.cfg.wandb.entity,
-            name=self.cfg.job_name,
-            notes=self.cfg.wandb.notes,
-            mode=self.cfg.wandb.mode,
-            dir=str(self.output_dir),
-            config=draccus.encode(self.cfg),
-            resume="allow",
-        )
+        return WandBRun(self.cfg, self.output_dir)
 
 
 def _progress_fields(row: dict, last_eval: EvalResult | None) -> dict[str, str]:
