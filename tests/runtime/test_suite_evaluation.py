@@ -144,7 +144,12 @@ def test_eval_cli_writes_where_lerobot_eval_writes_by_default(tmp_path, monkeypa
 
 @pytest.mark.parametrize(
     ("policy_args", "expected"),
-    [([], "needs --policy.path"), (["--policy.path=/no/such/folder"], "no such folder")],
+    [
+        ([], "needs --policy.path"),
+        (["--policy.path=/no/such/folder"], "no such folder"),
+        (["--eval.n_episodes=0"], "--eval.n_episodes must be >= 1, got 0"),
+        (["--rollout.n_action_steps=0"], "--rollout.n_action_steps must be >= 1, got 0"),
+    ],
 )
 def test_eval_cli_refuses_a_missing_policy_with_one_error_line(monkeypatch, capsys, policy_args, expected):
     from lerobot_pirl.scripts.eval import cli

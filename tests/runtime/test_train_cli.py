@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,10 @@ def test_a_killed_run_resumes_to_the_same_step_count_with_no_checkpoint_lost(tmp
     assert iterations == list(range(7))  # the SFT eval once, each iteration exactly once
 
 
+def with_policy(flag: str):
+    return lambda policy, act_policy: [f"--policy.path={policy}", flag]
+
+
 @pytest.mark.parametrize(
     ("make_args", "expected"),
     [
@@ -191,6 +196,27 @@ def test_a_killed_run_resumes_to_the_same_step_count_with_no_checkpoint_lost(tmp
             lambda d, t: [f"--policy.path={d}", "--algorithm.noise_level=-1"],
             "--algorithm.noise_level must be >= 0, got -1",
         ),
+        # Issue 17: each of these once ended in a traceback or trained on a meaningless value.
+        *[
+            (with_policy(flag), message)
+            for flag, message in [
+                ("--rollout.decisions_per_env=0", "--rollout.decisions_per_env must be >= 1, got 0"),
+                ("--rollout.episodes_per_env=0", "--rollout.episodes_per_env must be >= 1, got 0"),
+                ("--rollout.n_action_steps=0", "--rollout.n_action_steps must be >= 1, got 0"),
+                ("--rollout.num_inference_steps=0", "--rollout.num_inference_steps must be >= 1, got 0"),
+                ("--rollout.reward_scale=0", "--rollout.reward_scale must be > 0"),
+                ("--rollout.storage_device=gpu9", "--rollout.storage_device=gpu9: not a torch device"),
+                ("--eval.n_episodes=0", "--eval.n_episodes must be >= 1, got 0"),
+                ("--eval.batch_size=0", "--eval.batch_size must be >= 1, got 0"),
+                ("--eval.seed=-1", "--eval.seed must be >= 0, got -1"),
+                ("--seed=-1", "--seed must be >= 0, got -1"),
+                ("--iterations=0", "--iterations must be >= 1, got 0"),
+                ("--max_minutes=0", "--max_minutes must be > 0"),
+                ("--bootstrap.num_demos=0", "--bootstrap.num_demos must be >= 1, got 0"),
+                ("--device=cuda", "--device=cuda: this machine has no cuda device"),
+                ("--device=banana", "--device=banana: not a torch device"),
+            ]
+        ],
     ],
 )
 def test_bad_input_gets_one_error_line_before_any_work(
@@ -409,8 +435,8 @@ def test_a_checkpoint_folder_is_accepted_as_policy_path(tmp_path):
 
 def test_evaluation_is_reproducible_in_the_run_and_by_lerobot_pirl_eval(monkeypatch, tmp_path, policy_dir):
     # Issue 16/17: dense returns tell apart any change of the sampled noise. With a learning rate far below
-    # float32 resolution the weights never change, so the SFT and final evaluations agree; lerobot-pirl-eval on the saved
-    # checkpoint must give the trainer's number, bit for bit with the same batch size.
+    # float32 resolution the weights never change, so the SFT and final evaluations agree; lerobot-pirl-eval
+    # on the saved checkpoint must give the trainer's number, bit for bit with the same batch size.
     from lerobot_pirl.scripts.eval import main as eval_main
 
     dense = ["--rollout.sparse_reward=false", "--rollout.end_on_success=false", "--rollout.reward_scale=0.01"]
@@ -516,3 +542,19 @@ def test_wandb_gets_videos_checkpoints_and_continues_the_same_run_on_resume(
     assert (fake.inits[1]["id"], fake.inits[1]["resume"]) == ("run1", "must")
     assert [step for step, _ in fake.logs[3:]] == [3]
     assert [a.name for a in fake.artifacts] == ["wb-000002", "wb-000003"]
+
+
+@pytest.mark.parametrize(
+    ("output_dir", "expected"),
+    [("config.json", "is a file, not a folder"), ("config.json/run", "config.json is a file, not a folder")],
+)
+def test_an_output_dir_that_cannot_be_made_is_one_error_line(
+    monkeypatch, capsys, tmp_path, policy_dir, output_dir, expected
+):
+    folder = tmp_path / "policy_copy"
+    shutil.copytree(policy_dir, folder)
+    args = [f"--policy.path={folder}", *FAST_RUN, f"--output_dir={folder / output_dir}"]
+    assert run_main(monkeypatch, args) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in policy_dir.iterdir())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,50 @@ DEFAULT_TASK = "pick-place-v3"
 
 class ConfigError(ValueError):
     """Bad user input found before any work starts; the CLIs print it as one line."""
+
+
+def require(condition: bool, message: str) -> None:
+    """A config value check: at parse time draccus reports the ConfigError as a ParsingError, later it is
+    one; either way the CLI prints one line and exits 2 before anything is created (issue 17)."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def require_at_least(flag: str, value: int | float | None, minimum: int | float) -> None:
+    require(value is None or value >= minimum, f"{flag} must be >= {minimum}, got {value}")
+
+
+def check_device(flag: str, name: str | None) -> None:
+    """A device torch can parse and this machine has, so that `cuda` without a GPU stops here."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ConfigError(f"{flag}={name}: not a torch device ({error})") from None
+    if device.type == "cpu":
+        return
+    if device.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, device.type, None)
+        available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    require(available, f"{flag}={name}: this machine has no {device.type} device")
+    require(
+        device.index is None or device.index < count,
+        f"{flag}={name}: this machine has {count} {device.type} device(s)",
+    )
+
+
+def check_output_dir(path: Path) -> None:
+    """The run folder can be made where it is asked for: not a file, under a writable folder."""
+    require(not path.exists() or path.is_dir(), f"--output_dir={path} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    require(existing.is_dir(), f"--output_dir={path}: {existing} is a file, not a folder")
+    require(os.access(existing, os.W_OK | os.X_OK), f"--output_dir={path}: {existing} is not writable")
 
 
 def load_policy_config(policy_path: str, cli_overrides: list[str]) -> PreTrainedConfig:
@@ -88,6 +133,19 @@ class RolloutConfig:
     # Off by default: it changes what pretrained policies see.
     fast_render: bool = False
 
+    def __post_init__(self):
+        for name in (
+            "num_envs",
+            "decisions_per_env",
+            "episodes_per_env",
+            "n_action_steps",
+            "num_inference_steps",
+        ):
+            require_at_least(f"--rollout.{name}", getattr(self, name), 1)
+        require_at_least("--rollout.num_workers", self.num_workers, 0)
+        require(self.reward_scale > 0, f"--rollout.reward_scale must be > 0, got {self.reward_scale}")
+        check_device("--rollout.storage_device", self.storage_device)
+
 
 @dataclass
 class EvalConfig:
@@ -100,6 +158,12 @@ class EvalConfig:
     num_workers: int | None = None
     seed: int = 100_000  # eval episode i uses seed + i: the same episodes for every checkpoint
     videos: int = 2  # episodes to record per evaluation (when the env renders)
+
+    def __post_init__(self):
+        for name, minimum in (("freq", 0), ("n_episodes", 1), ("batch_size", 1), ("num_workers", 0)):
+            require_at_least(f"--eval.{name}", getattr(self, name), minimum)
+        for name in ("seed", "videos"):
+            require_at_least(f"--eval.{name}", getattr(self, name), 0)
 
 
 @dataclass
@@ -125,6 +189,11 @@ class BootstrapConfig:
     batch_size: int = 256
     cache_dir: Path = Path("~/.cache/lerobot_pirl/bootstrap")
 
+    def __post_init__(self):
+        for name in ("num_demos", "sft_steps", "batch_size"):
+            require_at_least(f"--bootstrap.{name}", getattr(self, name), 1)
+        require(self.action_noise >= 0, f"--bootstrap.action_noise must be >= 0, got {self.action_noise}")
+
 
 @dataclass
 class TrainConfig:
@@ -148,13 +217,23 @@ class TrainConfig:
     seed: int = 1000
     device: str | None = None  # None: cuda if available, else cpu
 
+    def __post_init__(self):
+        require_at_least("--iterations", self.iterations, 1)
+        require_at_least("--max_env_steps", self.max_env_steps, 1)
+        require(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"--max_minutes must be > 0, got {self.max_minutes}",
+        )
+        require_at_least("--save_freq", self.save_freq, 0)
+        require_at_least("--log_freq", self.log_freq, 1)
+        require_at_least("--seed", self.seed, 0)  # numpy's seeds are unsigned
+
     def validate(self) -> None:
         """Resolve `--policy.path` (LeRobot convention) and check values before any work starts."""
         policy_path = parser.get_path_arg("policy")
         if policy_path:
             self.policy = load_policy_config(policy_path, parser.get_cli_overrides("policy") or [])
-        if self.rollout.num_envs < 1 or self.iterations < 1:
-            raise ConfigError("--rollout.num_envs and --iterations must be >= 1")
+        check_device("--device", self.device)
         if not self.rollout.sparse_reward and self.rollout.end_on_success:
             logger.warning(
                 "--rollout.sparse_reward=false with --rollout.end_on_success=true: a positive per-step "
@@ -176,6 +255,7 @@ class TrainConfig:
             self.output_dir = timestamped_output_dir("outputs/train", self.job_name)
         # Saved absolute, so that `--config_path=<run>/train_config.json --resume=true` works from anywhere.
         self.output_dir = Path(self.output_dir).expanduser().absolute()
+        check_output_dir(self.output_dir)
 
     def resolve_num_workers(self) -> None:
         """Eval envs and env workers for training and evaluation: checked when given, the machine's

@@ -34,6 +34,8 @@ from lerobot_pirl.runtime.config import (
     EvalConfig,
     RolloutConfig,
     _default_env,
+    check_device,
+    check_output_dir,
     load_policy_config,
     timestamped_output_dir,
 )
@@ -51,6 +53,9 @@ class EvalEpisodesConfig:
     seed: int = EvalConfig.seed  # episode i uses seed + i, as in training
     videos: int = EvalConfig.videos  # episodes to record per task (when the env renders)
 
+    def __post_init__(self):
+        self.to_eval_config()  # its value checks, at parse time
+
     def to_eval_config(self) -> EvalConfig:
         return EvalConfig(**asdict(self))
 
@@ -66,6 +71,9 @@ class EvalRolloutConfig:
     end_on_success: bool = RolloutConfig.end_on_success  # the episode ends at its first success
     fast_render: bool = RolloutConfig.fast_render  # LIBERO: cheap rendering inside every env worker
     use_async_envs: bool = RolloutConfig.use_async_envs  # LeRobot's one process per env
+
+    def __post_init__(self):
+        self.to_rollout_config()  # its value checks, at parse time
 
     def to_rollout_config(self) -> RolloutConfig:
         return RolloutConfig(**asdict(self))
@@ -86,10 +94,12 @@ class EvalPipelineConfig:
         if not policy_path:
             raise ConfigError("lerobot-pirl-eval needs --policy.path=<checkpoint folder or hub id>")
         self.policy = load_policy_config(policy_path, parser.get_cli_overrides("policy"))
+        check_device("--device", self.device)
         if not self.job_name:
             self.job_name = f"{self.env.type}_{self.policy.type}"
         if self.output_dir is None:
             self.output_dir = timestamped_output_dir("outputs/eval", self.job_name)
+        check_output_dir(Path(self.output_dir).expanduser().absolute())
 
     @classmethod
     def __get_path_fields__(cls) -> list[str]:
