@@ -262,25 +262,44 @@ def test_policy_env_feature_mismatch_is_refused(monkeypatch, capsys, tmp_path):
     assert not out.exists()
 
 
-def test_non_finite_loss_stops_the_run_with_a_checkpoint_and_says_where(
+def test_a_non_finite_loss_keeps_the_last_good_checkpoint_and_ends_with_a_stopped_line(
     monkeypatch, capsys, tmp_path, policy_dir
 ):
+    # Issue 17: the failing update may have blown the weights up before its NaN showed; nothing of it is
+    # saved, the good checkpoint of the previous iteration is neither rewritten nor relabelled.
+    import hashlib
+
     from lerobot_pirl.algorithms.ppo import PPO
 
     real = PPO.update_samples
+    out = tmp_path / "run"
+    weights = out / "checkpoints" / "000001" / "pretrained_model" / "model.safetensors"
+    seen = []
 
-    def poisoned(self, batches):
+    def poisoned_in_iteration_2(self, batches):
         samples, stats = real(self, batches)
+        if not seen:
+            seen.append(None)
+            return samples, stats
+        seen.append(hashlib.sha256(weights.read_bytes()).hexdigest())
         return samples.replace(returns=samples.returns * float("nan")), stats
 
-    monkeypatch.setattr(PPO, "update_samples", poisoned)
-    out = tmp_path / "run"
-    status = run_main(
-        monkeypatch, [f"--policy.path={policy_dir}", *FAST_RUN, "--iterations=3", f"--output_dir={out}"]
-    )
-    assert status == 1
-    assert "non-finite loss in update epoch 0, minibatch 0 at iteration 1" in capsys.readouterr().err
-    assert (out / "checkpoints" / "last" / "pretrained_model" / "model.safetensors").exists()
+    monkeypatch.setattr(PPO, "update_samples", poisoned_in_iteration_2)
+    args = [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--iterations=3",
+        "--save_freq=1",
+        f"--output_dir={out}",
+    ]
+    assert run_main(monkeypatch, args) == 1
+    captured = capsys.readouterr()
+    assert "→ RL" not in captured.out and f"checkpoint: {weights.parents[1]}" in captured.out
+    (stopped,) = [line for line in captured.err.splitlines() if line.startswith("stopped:")]
+    assert "non-finite loss in update epoch 0, minibatch 0 at iteration 2; its update is dropped" in stopped
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "last"]
+    assert (out / "checkpoints" / "last").resolve().name == "000001"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() == seen[1]
 
 
 def test_push_to_hub_uploads_the_final_checkpoint(monkeypatch, tmp_path, policy_dir):
@@ -558,3 +577,88 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0]
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in policy_dir.iterdir())
+
+
+@pytest.fixture(scope="module")
+def two_checkpoint_run(tmp_path_factory, policy_dir) -> Path:
+    out = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    args = [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--iterations=2",
+        "--save_freq=1",
+        f"--output_dir={out}",
+    ]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert run_main(monkeypatch, args) == 0
+    return out
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: truncate(state / "optimizer_state.safetensors"),
+        lambda state: (state / "rng_state.safetensors").unlink(),
+        lambda state: truncate(state / "rl_heads.safetensors"),
+        lambda state: (state / "trainer_state.json").write_text("{"),
+        lambda state: (state / "scheduler_state.json").unlink(),
+        lambda state: truncate(state.parent / "pretrained_model" / "model.safetensors"),
+    ],
+    ids=[
+        "optimizer-truncated",
+        "rng-missing",
+        "heads-truncated",
+        "trainer-state-bad",
+        "scheduler-missing",
+        "weights",
+    ],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    monkeypatch, capsys, tmp_path, policy_dir, two_checkpoint_run, damage
+):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoint_run, out, symlinks=True)
+    damage(out / "checkpoints" / "000002" / "training_state")
+    args = [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--iterations=3",
+        "--save_freq=1",
+        f"--output_dir={out}",
+    ]
+    assert run_main(monkeypatch, [*args, "--resume=true"]) == 0
+    assert "000002 cannot be resumed from" in capsys.readouterr().err
+    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [0, 1, 2, 3]  # iteration 2 redone from checkpoint 1, then 3
+    final = out / "checkpoints" / "last"
+    assert final.resolve().name == "000003"
+    assert json.loads((final / "training_state" / "trainer_state.json").read_text())["iteration"] == 3
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_error_line(
+    monkeypatch, capsys, tmp_path, two_checkpoint_run
+):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoint_run, out, symlinks=True)
+    for checkpoint in ("000001", "000002"):
+        (out / "checkpoints" / checkpoint / "training_state" / "rng_state.safetensors").unlink()
+    assert run_main(monkeypatch, [*FAST_RUN, f"--output_dir={out}", "--resume=true"]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "every checkpoint in" in error_lines[0]
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_in_its_folder(
+    monkeypatch, capsys, tmp_path, policy_dir
+):
+    out = tmp_path / "run"
+    (out / "videos").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"iteration": 0}\n')  # what a run killed during iteration 1 leaves
+    args = [f"--policy.path={policy_dir}", *FAST_RUN, f"--output_dir={out}"]
+    assert run_main(monkeypatch, [*args, "--iterations=1", "--resume=true"]) == 2
+    assert "holds no checkpoint yet" in capsys.readouterr().err
+    assert run_main(monkeypatch, [*args, "--iterations=1"]) == 0
+    assert (out / "checkpoints" / "last").resolve().name == "000001"

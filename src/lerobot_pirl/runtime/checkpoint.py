@@ -31,6 +31,7 @@ from lerobot.utils.constants import (
     PRETRAINED_MODEL_DIR,
     TRAINING_STATE_DIR,
 )
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lerobot_pirl.rl_policy import FlowRLPolicy
@@ -116,8 +117,69 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     last = checkpoints / LAST_CHECKPOINT_LINK
     if last.exists():
         return last.resolve()
+    complete = complete_checkpoints(output_dir)
+    return complete[0] if complete else None
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The numbered checkpoint folders, newest first (`.partial` staging folders are never one)."""
+    checkpoints = Path(output_dir) / CHECKPOINTS_DIR
     complete = [d for d in checkpoints.glob("[0-9]*") if d.is_dir() and d.name.isdigit()]
-    return max(complete, key=lambda d: int(d.name)) if complete else None
+    return sorted(complete, key=lambda d: int(d.name), reverse=True)
+
+
+def checkpoint_damage(checkpoint_dir: Path) -> str | None:
+    """What makes a checkpoint unusable for a resume (a missing file, a truncated safetensors file, JSON
+    that does not parse), or None. Reads the headers only: safetensors checks them against the file size."""
+    pretrained, training_state = checkpoint_dir / PRETRAINED_MODEL_DIR, checkpoint_dir / TRAINING_STATE_DIR
+    required = [pretrained / "config.json"]
+    required += [
+        training_state / name
+        for name in (
+            "optimizer_state.safetensors",
+            "optimizer_param_groups.json",
+            "rng_state.safetensors",
+            "training_step.json",
+            HEADS_FILE,
+            TRAINER_STATE_FILE,
+            "scheduler_state.json",
+        )
+    ]
+    for path in required:
+        if not path.is_file():
+            return f"{path.relative_to(checkpoint_dir)} is missing"
+    weights = list(pretrained.glob("*.safetensors"))
+    if not any(p.name in ("model.safetensors", "adapter_model.safetensors") for p in weights):
+        return f"{PRETRAINED_MODEL_DIR}/ holds no model weights"
+    for path in sorted({*weights, *training_state.glob("*.safetensors")}):
+        try:
+            with safe_open(str(path), "pt") as tensors:
+                tensors.keys()
+        except (SafetensorError, OSError) as error:
+            return f"{path.relative_to(checkpoint_dir)} is damaged ({error})"
+    for path in sorted({*pretrained.glob("*.json"), *training_state.glob("*.json")}):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, OSError) as error:
+            return f"{path.relative_to(checkpoint_dir)} is damaged ({error})"
+    return None
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint a resume can load: `checkpoints/last` unless it is damaged, else the newest
+    complete one that is not, with a warning for each one passed over (issue 17)."""
+    last = last_checkpoint(output_dir)
+    candidates = list(
+        dict.fromkeys([*([last] if last is not None else []), *complete_checkpoints(output_dir)])
+    )
+    for checkpoint_dir in candidates:
+        damage = checkpoint_damage(checkpoint_dir)
+        if damage is None:
+            return checkpoint_dir
+        logger.warning(
+            "checkpoint %s cannot be resumed from: %s; trying the one before", checkpoint_dir, damage
+        )
+    return None
 
 
 def load_trainer_state(checkpoint_dir: Path) -> TrainerState:

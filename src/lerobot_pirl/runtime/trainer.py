@@ -39,8 +39,11 @@ from lerobot_pirl.rollout.workers import EnvWorkerError
 from lerobot_pirl.runtime.checkpoint import (
     TRAIN_CONFIG_FILE,
     TrainerState,
+    complete_checkpoints,
+    get_step_checkpoint_dir,
     last_checkpoint,
     restore_training_state,
+    resumable_checkpoint,
     save_checkpoint,
     save_config,
 )
@@ -93,8 +96,8 @@ class TrainResult:
     stopped_by_error: str | None = None
 
     def summary(self) -> str:
-        if self.sft is None or self.final is None:
-            return "no evaluation was run"
+        if self.sft is None or self.final is None or self.final is self.sft:
+            return "no RL evaluation was run"
         return (
             f"SFT {100 * self.sft.success_rate:.0f}% → RL {100 * self.final.success_rate:.0f}% "
             f"({self.final.n_episodes} episodes)"
@@ -207,9 +210,16 @@ class Trainer:
             start_env_worker_server(cfg.env)
         set_seed(cfg.seed)
 
-        self.resume_from = last_checkpoint(self.output_dir) if cfg.resume else None
+        self.resume_from = resumable_checkpoint(self.output_dir) if cfg.resume else None
         if cfg.resume and self.resume_from is None:
-            raise ConfigError(f"--resume=true but {self.output_dir}/checkpoints/last does not exist")
+            if complete_checkpoints(self.output_dir):
+                raise ConfigError(
+                    f"--resume=true: every checkpoint in {self.output_dir} is damaged (see above)"
+                )
+            raise ConfigError(
+                f"--resume=true but {self.output_dir} holds no checkpoint yet (the run stopped before its "
+                "first); run the same command without --resume=true to start it afresh there"
+            )
         policy_path = policy_source(cfg, self.resume_from)
         if cfg.policy is None and self.resume_from is None:
             # The bootstrapped SFT policy: train_config.json names the checkpoint the run started from.
@@ -263,8 +273,10 @@ class Trainer:
                 try:
                     update_metrics = self.update(samples)  # 3. update
                 except NonFiniteLossError as nan_error:
-                    error = f"{nan_error} at iteration {self.state.iteration + 1}"
-                    checkpoint_dir = self._save()
+                    # Earlier minibatches of this update may have blown the weights up already: save
+                    # nothing, so the last checkpoint stays the newest good state (issue 17).
+                    error = f"{nan_error} at iteration {self.state.iteration + 1}; its update is dropped"
+                    checkpoint_dir = last_checkpoint(self.output_dir)
                     raise
                 with warnings.catch_warnings():
                     # The schedule counts iterations; one whose GRPO groups all tied made no optimizer step.
@@ -303,12 +315,14 @@ class Trainer:
                     logger.info(self._log_line(row, last_eval))
             completed = self._budget_spent()
         except NonFiniteLossError:
-            logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
+            logger.error("%s; last good checkpoint: %s", error, checkpoint_dir or "none yet")
         except EnvWorkerError as worker_error:
-            # The policy and state of the last completed iteration are intact: keep them.
+            # The policy and state of the last completed iteration are intact: keep them, unless that
+            # iteration's checkpoint exists already (never rewrite a good one).
             error = f"{worker_error} (in iteration {self.state.iteration + 1})"
-            checkpoint_dir = self._save()
-            logger.error("%s; checkpoint saved to %s", error, checkpoint_dir)
+            saved = get_step_checkpoint_dir(self.output_dir, self.cfg.iterations, self.state.iteration)
+            checkpoint_dir = saved if saved.is_dir() else self._save()
+            logger.error("%s; checkpoint of iteration %d: %s", error, self.state.iteration, checkpoint_dir)
         finally:
             progress.close()
             self.close(completed)
@@ -435,11 +449,17 @@ class Trainer:
     # ---- set-up helpers -----------------------------------------------------------------------------
 
     def _check_output_dir(self) -> None:
-        if self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.cfg.resume:
+        if self.cfg.resume or not self.output_dir.exists() or not any(self.output_dir.iterdir()):
+            return
+        if complete_checkpoints(self.output_dir) or last_checkpoint(self.output_dir) is not None:
             raise ConfigError(
                 f"output dir {self.output_dir} already holds a run; pass --resume=true to continue it "
                 "or choose another --output_dir"
             )
+        # A run stopped before its first checkpoint left logs only: start it afresh in the same folder.
+        logger.warning(
+            "%s holds no checkpoint (a run stopped before its first): starting afresh", self.output_dir
+        )
 
     def _init_wandb(self):
         if not self.cfg.wandb.enable:

@@ -45,13 +45,16 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def report_training(result) -> int:
-    """Print a TrainResult's `SFT x% → RL y%` line and checkpoint; exit status 1 if it stopped early."""
+    """Print a TrainResult's `SFT x% → RL y%` line and checkpoint. A run that stopped early prints its
+    newest good checkpoint and a `stopped:` line instead, exit status 1."""
+    if result.stopped_by_error:
+        if result.checkpoint_dir is not None:
+            print(f"checkpoint: {result.checkpoint_dir}")
+        print(f"stopped: {result.stopped_by_error}", file=sys.stderr)
+        return 1
     if result.checkpoint_dir is not None:
         print(result.summary())
         print(f"checkpoint: {result.checkpoint_dir}")
-    if result.stopped_by_error:
-        print(f"stopped: {result.stopped_by_error}", file=sys.stderr)
-        return 1
     return 0
 
 
