@@ -662,3 +662,31 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_in_its_folder(
     assert "holds no checkpoint yet" in capsys.readouterr().err
     assert run_main(monkeypatch, [*args, "--iterations=1"]) == 0
     assert (out / "checkpoints" / "last").resolve().name == "000001"
+
+
+@pytest.mark.parametrize(
+    "evil_step",
+    [
+        lambda marker: {"class": "subprocess.Popen", "config": {"args": f"touch {marker}", "shell": True}},
+        lambda marker: {"class": "os.system", "config": {}},
+        lambda marker: "not a step",
+    ],
+    ids=["popen", "os-system", "not-an-object"],
+)
+def test_a_processor_file_that_names_code_is_refused_before_anything_runs(
+    monkeypatch, capsys, tmp_path, policy_dir, evil_step
+):
+    # Issue 17: LeRobot's processor loader imports any "class" a policy folder names and calls it.
+    folder = tmp_path / "policy"
+    shutil.copytree(policy_dir, folder)
+    marker = tmp_path / "ran"
+    preprocessor = json.loads((folder / "policy_preprocessor.json").read_text())
+    preprocessor["steps"][0] = evil_step(marker)
+    (folder / "policy_preprocessor.json").write_text(json.dumps(preprocessor))
+    out = tmp_path / "run"
+    assert run_main(monkeypatch, [f"--policy.path={folder}", *FAST_RUN, f"--output_dir={out}"]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert (
+        len(error_lines) == 1 and "step 0" in error_lines[0] and "policy_preprocessor.json" in error_lines[0]
+    )
+    assert not marker.exists() and not out.exists()

@@ -109,6 +109,7 @@ def load_flow_policy(
     _check_weights_loaded(policy, folder / WEIGHTS_FILE)
     policy.to(device).eval()
 
+    check_processor_steps(folder)
     preprocessor_overrides: dict[str, dict[str, Any]] = {"device_processor": {"device": device}}
     if tokenizer is not None and _has_tokenizer_step(folder / PREPROCESSOR_FILE):
         preprocessor_overrides["tokenizer_processor"] = {"tokenizer": tokenizer}
@@ -174,6 +175,36 @@ def _resolve_checkpoint_folder(path_or_repo_id: str) -> Path:
             f"'{folder}' is not a LeRobot policy checkpoint: missing {', '.join(missing)}"
         )
     return folder
+
+
+def check_processor_steps(folder: Path) -> None:
+    """Refuse saved processors that would make LeRobot's loader import code (issue 17).
+
+    LeRobot builds a step named by ``registry_name`` from its registry, but imports any ``"class":
+    "module.Name"`` and calls it with the step's ``config``: a folder from the hub or a stranger could name
+    ``subprocess.Popen``. Only registered steps, and classes that are registered steps, pass; nothing a
+    refused file names is imported.
+    """
+    from lerobot.processor import ProcessorStepRegistry
+
+    registered = {ProcessorStepRegistry.get(name) for name in ProcessorStepRegistry.list()}
+    known_classes = {f"{cls.__module__}.{cls.__qualname__}" for cls in registered}
+    for file_name in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
+        try:
+            steps = json.loads((folder / file_name).read_text())["steps"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise FlowPolicyLoadError(f"'{folder / file_name}' is not a processor file ({error})") from None
+        for index, step in enumerate(steps if isinstance(steps, list) else [None]):
+            if not isinstance(step, dict):
+                raise FlowPolicyLoadError(f"'{folder / file_name}': step {index} is not a JSON object")
+            if "registry_name" in step:
+                continue  # looked up in LeRobot's registry, never imported
+            class_path = step.get("class")
+            if class_path not in known_classes:
+                raise FlowPolicyLoadError(
+                    f"'{folder / file_name}': step {index} names {class_path!r}, which is not a registered "
+                    "LeRobot processor step; refusing to import it"
+                )
 
 
 def _has_tokenizer_step(preprocessor_file: Path) -> bool:
