@@ -34,16 +34,19 @@ def test_envs_that_hold_gigabytes_evaluate_ten_at_a_time():
 @pytest.mark.parametrize(
     "sections, message",
     [
-        ({"eval": EvalConfig(batch_size=0)}, "--eval.batch_size=0 must be >= 1"),
-        ({"rollout": RolloutConfig(num_workers=-1)}, "--rollout.num_workers=-1 must be >= 0"),
-        ({"rollout": RolloutConfig(num_envs=4, num_workers=5)}, "is more than the 4 envs"),
-        ({"eval": EvalConfig(batch_size=2, num_workers=3)}, "--eval.num_workers=3 is more than the 2 envs"),
-        ({"rollout": RolloutConfig(use_async_envs=True, num_workers=2)}, "exclude each other"),
+        (lambda: {"eval": EvalConfig(batch_size=0)}, "--eval.batch_size must be >= 1, got 0"),
+        (lambda: {"rollout": RolloutConfig(num_workers=-1)}, "--rollout.num_workers must be >= 0, got -1"),
+        (lambda: {"rollout": RolloutConfig(num_envs=4, num_workers=5)}, "is more than the 4 envs"),
+        (
+            lambda: {"eval": EvalConfig(batch_size=2, num_workers=3)},
+            "--eval.num_workers=3 is more than the 2 envs",
+        ),
+        (lambda: {"rollout": RolloutConfig(use_async_envs=True, num_workers=2)}, "exclude each other"),
     ],
 )
 def test_bad_counts_are_refused(monkeypatch, sections, message):
     with pytest.raises(ConfigError, match=message):
-        resolved(2, monkeypatch, **sections)
+        resolved(2, monkeypatch, **sections())
 
 
 def test_the_launcher_starts_env_workers_early_only_when_the_command_line_settles_it():

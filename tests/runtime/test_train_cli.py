@@ -690,3 +690,32 @@ def test_a_processor_file_that_names_code_is_refused_before_anything_runs(
         len(error_lines) == 1 and "step 0" in error_lines[0] and "policy_preprocessor.json" in error_lines[0]
     )
     assert not marker.exists() and not out.exists()
+
+
+def test_resume_continues_the_saved_run_and_refuses_a_changed_setting(
+    monkeypatch, capsys, tmp_path, two_checkpoint_run
+):
+    # Issue 17: `--resume=true --output_dir=<run>` alone is the run as it was saved (2 envs, 2 eval
+    # episodes, seed 3), not the defaults; a setting that would change the run is refused.
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoint_run, out, symlinks=True)
+    saved = json.loads((out / "train_config.json").read_text())
+    assert run_main(monkeypatch, [f"--output_dir={out}", "--resume=true", "--algorithm.actor_lr=1e9"]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "--algorithm.actor_lr cannot change on --resume=true" in error_lines[0]
+    assert json.loads((out / "train_config.json").read_text()) == saved
+
+    assert run_main(monkeypatch, [f"--output_dir={out}", "--resume=true", "--iterations=3"]) == 0
+    resumed = json.loads((out / "train_config.json").read_text())
+    assert resumed["iterations"] == 3 and resumed["resume"] is True
+    for section, key in [
+        ("rollout", "num_envs"),
+        ("eval", "n_episodes"),
+        ("algorithm", "actor_lr"),
+        ("env", "task"),
+    ]:
+        assert resumed[section][key] == saved[section][key]
+    assert resumed["seed"] == saved["seed"] == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [0, 1, 2, 3]
+    assert rows[3]["env_steps"] - rows[2]["env_steps"] == 2 * 3 * 4  # 2 envs x 3 decisions x C = 4

@@ -35,11 +35,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lerobot_pirl.rl_policy import FlowRLPolicy
+from lerobot_pirl.runtime.config import TRAIN_CONFIG_FILE
 
 HEADS_FILE = "rl_heads.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ALGORITHM_FILE = "algorithm_config.json"
-TRAIN_CONFIG_FILE = "train_config.json"
 
 logger = logging.getLogger(__name__)
 

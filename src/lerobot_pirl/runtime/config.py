@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from lerobot.configs import parser
@@ -29,6 +30,48 @@ logger = logging.getLogger(__name__)
 
 # The main job's task (BENCHMARKS.md, "Main-job defaults"); its episode length is the env's default.
 DEFAULT_TASK = "pick-place-v3"
+TRAIN_CONFIG_FILE = "train_config.json"
+# What `--resume=true` may change: where and how the run logs, and its budget. Every other flag must
+# repeat the run's saved value (issue 17: a changed actor_lr was recorded but never used).
+RESUME_CHANGEABLE = (
+    "output_dir",
+    "resume",
+    "job_name",
+    "iterations",
+    "max_minutes",
+    "max_env_steps",
+    "log_freq",
+    "save_freq",
+    "eval.freq",
+    "eval.videos",
+    "rollout.num_workers",
+    "eval.num_workers",
+    "wandb.",
+)
+
+
+def given_flags(argv: list[str]) -> list[str]:
+    """The dotted names of the `--name=value` / `--name value` flags on a command line."""
+    return [arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--") and arg != "--"]
+
+
+def _flag_value(cfg, flag: str):
+    """The value a dotted flag set in `cfg` (`policy.path` is the policy's pretrained_path)."""
+    *sections, name = flag.split(".")
+    value = cfg
+    for section in sections:
+        value = getattr(value, section, None)
+    if sections == ["policy"] and name == "path":
+        name = "pretrained_path"
+    value = getattr(value, name, None)
+    return Path(value).expanduser().absolute() if isinstance(value, Path) else value
+
+
+def _set_flag_value(target, source, flag: str) -> None:
+    *sections, name = flag.split(".")
+    for section in sections:
+        target, source = getattr(target, section), getattr(source, section)
+    setattr(target, name, getattr(source, name))
 
 
 class ConfigError(ValueError):
@@ -233,6 +276,8 @@ class TrainConfig:
         policy_path = parser.get_path_arg("policy")
         if policy_path:
             self.policy = load_policy_config(policy_path, parser.get_cli_overrides("policy") or [])
+        if self.resume and self.output_dir is not None:
+            self.adopt_saved_run(given_flags(sys.argv[1:]))
         check_device("--device", self.device)
         if not self.rollout.sparse_reward and self.rollout.end_on_success:
             logger.warning(
@@ -256,6 +301,30 @@ class TrainConfig:
         # Saved absolute, so that `--config_path=<run>/train_config.json --resume=true` works from anywhere.
         self.output_dir = Path(self.output_dir).expanduser().absolute()
         check_output_dir(self.output_dir)
+
+    def adopt_saved_run(self, flags: list[str]) -> None:
+        """On `--resume=true`, become the run saved in `output_dir/train_config.json`: flags in
+        RESUME_CHANGEABLE take their new values, every other flag given must repeat the saved value."""
+        import draccus
+
+        saved_file = Path(self.output_dir).expanduser() / TRAIN_CONFIG_FILE
+        if not saved_file.is_file():
+            return  # nothing saved: the trainer says the run cannot be resumed
+        saved = draccus.parse(config_class=type(self), config_path=saved_file, args=[])
+        for flag in flags:
+            if flag == "config_path" or flag.startswith(RESUME_CHANGEABLE):
+                continue
+            if _flag_value(self, flag) != _flag_value(saved, flag):
+                raise ConfigError(
+                    f"--{flag} cannot change on --resume=true (the run has {_flag_value(saved, flag)}); "
+                    "drop the flag to continue the run as it was, or start a new run"
+                )
+        for flag in flags:
+            if flag != "config_path" and flag.startswith(RESUME_CHANGEABLE):
+                _set_flag_value(saved, self, flag)
+        saved.resume, saved.output_dir = True, self.output_dir
+        for f in fields(self):
+            setattr(self, f.name, getattr(saved, f.name))
 
     def resolve_num_workers(self) -> None:
         """Eval envs and env workers for training and evaluation: checked when given, the machine's
