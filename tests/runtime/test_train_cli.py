@@ -719,3 +719,35 @@ def test_resume_continues_the_saved_run_and_refuses_a_changed_setting(
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [0, 1, 2, 3]
     assert rows[3]["env_steps"] - rows[2]["env_steps"] == 2 * 3 * 4  # 2 envs x 3 decisions x C = 4
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
+    monkeypatch, capsys, tmp_path, policy_dir
+):
+    import errno
+
+    import lerobot_pirl.runtime.checkpoint as checkpoint
+
+    real, calls = checkpoint.save_file, []
+
+    def disk_full_at_the_second_checkpoint(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_at_the_second_checkpoint)
+    out = tmp_path / "run"
+    args = [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--iterations=3",
+        "--save_freq=1",
+        f"--output_dir={out}",
+    ]
+    assert run_main(monkeypatch, args) == 1
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1
+    assert "could not write checkpoint 000002 (No space left on device)" in error_lines[0]
+    assert str(out / "checkpoints" / "000001") in error_lines[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "last"]

@@ -59,6 +59,10 @@ def save_config(cfg, path: Path) -> None:
         draccus.dump(cfg, f, indent=4)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, ...); the CLIs print it as one line."""
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -71,9 +75,28 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     state: TrainerState,
 ) -> Path:
-    """Write checkpoints/<iteration>/ via a temporary folder, then point `last` at it."""
+    """Write checkpoints/<iteration>/ via a temporary folder, then point `last` at it. An I/O failure
+    removes the temporary folder and raises CheckpointWriteError; `last` is left as it was."""
     final_dir = get_step_checkpoint_dir(output_dir, total_iterations, state.iteration)
     staging = final_dir.with_name(final_dir.name + ".partial")
+    try:
+        _write_checkpoint(staging, cfg, policy, preprocessor, postprocessor, optimizer, scheduler, state)
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = last_checkpoint(output_dir)
+        raise CheckpointWriteError(
+            f"could not write checkpoint {final_dir.name} ({getattr(error, 'strerror', None) or error}); "
+            f"the last complete checkpoint is {kept or 'none'}"
+        ) from error
+    if final_dir.exists():  # a re-run of the same iteration after a resume
+        shutil.rmtree(final_dir)
+    staging.rename(final_dir)
+    point_last_at(final_dir)
+    logger.info("checkpoint saved: %s", final_dir)
+    return final_dir
+
+
+def _write_checkpoint(staging, cfg, policy, preprocessor, postprocessor, optimizer, scheduler, state) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     pretrained = staging / PRETRAINED_MODEL_DIR
@@ -92,13 +115,6 @@ def save_checkpoint(
     with open(training_state / ALGORITHM_FILE, "w") as f, draccus.config_type("json"):
         draccus.dump(cfg.algorithm, f, indent=4)
     (training_state / TRAINER_STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
-
-    if final_dir.exists():  # a re-run of the same iteration after a resume
-        shutil.rmtree(final_dir)
-    staging.rename(final_dir)
-    point_last_at(final_dir)
-    logger.info("checkpoint saved: %s", final_dir)
-    return final_dir
 
 
 def point_last_at(checkpoint_dir: Path) -> None:
