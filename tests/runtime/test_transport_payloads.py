@@ -32,6 +32,7 @@ from lerobot_pirl.distributed.payloads import (
 )
 from lerobot_pirl.distributed.transport import (
     LearnerClient,
+    LearnerRefusedError,
     LearnerServicer,
     ParameterBoard,
     ParameterReceiver,
@@ -360,6 +361,25 @@ def test_a_token_protected_learner_refuses_actors_without_it(server, monkeypatch
     member = LearnerClient(transport, 0)
     assert member.ready(timeout=10)
     member.close()
+
+
+@pytest.mark.parametrize("server", [{"token": "s3cret"}], indirect=True)
+def test_an_actor_with_a_wrong_token_is_told_at_once_instead_of_retrying(server, monkeypatch):
+    # Issue 17: it used to log "learner unreachable (UNAUTHENTICATED)" and retry until the reconnect timeout.
+    _, transport = server
+    monkeypatch.setenv(TOKEN_ENV, "guess")
+    client = LearnerClient(transport, 0)
+    with pytest.raises(LearnerRefusedError, match="wrong token"):
+        client.ready(timeout=10)
+    receiver = ParameterReceiver(client, max_bytes=1 << 20, max_backoff_s=0.2)
+    receiver.start()
+    try:
+        assert receiver.wait_for_newer(None, timeout=10) is None
+        receiver.join(10)
+        assert not receiver.is_alive() and "wrong token" in receiver.refused
+    finally:
+        receiver.stop()
+        client.close()
 
 
 def self_signed_certificate(directory) -> tuple:

@@ -37,7 +37,13 @@ from lerobot_pirl.distributed.payloads import (
     frozen_fingerprint,
     load_trainable_state,
 )
-from lerobot_pirl.distributed.transport import LearnerClient, ParameterReceiver
+from lerobot_pirl.distributed.transport import (
+    REFUSED,
+    LearnerClient,
+    LearnerRefusedError,
+    ParameterReceiver,
+    refusal_message,
+)
 from lerobot_pirl.runtime.config import ConfigError
 from lerobot_pirl.runtime.envs import episode_reset_hook
 from lerobot_pirl.runtime.factory import (
@@ -134,6 +140,8 @@ class Actor:
         reconnect timeout."""
         while not self._stop_event.is_set():
             message = self.receiver.wait_for_newer(done_key, timeout=1.0)
+            if self.receiver.refused is not None:
+                raise LearnerRefusedError(self.receiver.refused)
             if message is not None:
                 return message
             unreachable = self.client.unreachable_for()
@@ -197,6 +205,8 @@ class Actor:
                 return True
             except grpc.RpcError as error:
                 code = error.code()
+                if code in REFUSED:
+                    raise LearnerRefusedError(refusal_message(error)) from error
                 if code in SUPERSEDED:
                     logger.info(
                         "the learner no longer wants version %d: %s", rollout.version, error.details()

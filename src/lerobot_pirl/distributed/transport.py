@@ -385,6 +385,18 @@ def start_learner_server(transport: TransportConfig, servicer: LearnerServicer) 
 # ---- actor side ---------------------------------------------------------------------------------------
 
 
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+class LearnerRefusedError(RuntimeError):
+    """The learner refused this actor (wrong or missing token): retrying cannot help."""
+
+
+def refusal_message(error: grpc.RpcError) -> str:
+    """The one line an actor ends with when the learner refuses it."""
+    return f"the learner refused this actor: wrong token ({error.details()}; use the learner's ${TOKEN_ENV})"
+
+
 class LearnerClient:
     """An actor's channel to the learner: the parameter stream, uploads, events."""
 
@@ -432,9 +444,12 @@ class LearnerClient:
             return 0.0 if self._unreachable_since is None else time.monotonic() - self._unreachable_since
 
     def ready(self, timeout: float) -> bool:
+        """Whether the learner answers; raises LearnerRefusedError when it refuses this actor."""
         try:
             self.stub.Ready(services_pb2.Empty(), timeout=timeout, metadata=self.metadata)
         except grpc.RpcError as error:
+            if error.code() in REFUSED:
+                raise LearnerRefusedError(refusal_message(error)) from error
             self.note_error(error)
             return False
         self.mark_reachable()
@@ -487,6 +502,7 @@ class ParameterReceiver(threading.Thread):
         self._condition = threading.Condition()
         self._latest: ParametersMessage | None = None
         self._call = None
+        self.refused: str | None = None  # why the learner refused this actor; retrying cannot help
 
     @property
     def latest(self) -> ParametersMessage | None:
@@ -495,9 +511,8 @@ class ParameterReceiver(threading.Thread):
 
     def wait_for_newer(self, than_key: tuple[str, int] | None, timeout: float) -> ParametersMessage | None:
         with self._condition:
-            self._condition.wait_for(
-                lambda: self._latest is not None and self._latest.key != than_key, timeout=timeout
-            )
+            newer = lambda: self._latest is not None and self._latest.key != than_key  # noqa: E731
+            self._condition.wait_for(lambda: self.refused is not None or newer(), timeout=timeout)
             latest = self._latest
         return latest if latest is not None and latest.key != than_key else None
 
@@ -519,6 +534,11 @@ class ParameterReceiver(threading.Thread):
                         return
             except grpc.RpcError as error:
                 if self._stop_event.is_set():
+                    return
+                if error.code() in REFUSED:  # issue 17: a wrong token used to be retried forever
+                    with self._condition:
+                        self.refused = refusal_message(error)
+                        self._condition.notify_all()
                     return
                 self.client.note_error(error)
                 logger.warning("learner unreachable (%s); retrying in %.1f s", error.code().name, backoff)

@@ -28,11 +28,12 @@ def act(cfg: DistributedTrainConfig):
 @parser.wrap()
 def main(cfg: DistributedTrainConfig) -> int:
     from lerobot_pirl.distributed.actor import LearnerLostError
+    from lerobot_pirl.distributed.transport import LearnerRefusedError
 
     setup_logging(f"actor{cfg.transport.actor_id}")
     try:
         result = act(cfg)
-    except LearnerLostError as error:
+    except (LearnerLostError, LearnerRefusedError) as error:
         print(f"lerobot-pirl-actor: {error}", file=sys.stderr)
         return 1
     print(
