@@ -279,7 +279,12 @@ def server(request):
     options = getattr(request, "param", {})
     transport = TransportConfig(port=0, num_actors=2, **options.get("transport", {}))
     servicer = LearnerServicer(
-        ParameterBoard(), RolloutBoard(), SPEC, max_upload_bytes=64 * 1024, token=options.get("token")
+        ParameterBoard(),
+        RolloutBoard(),
+        SPEC,
+        max_upload_bytes=64 * 1024,
+        token=options.get("token"),
+        num_actors=options.get("num_actors"),
     )
     grpc_server, port = start_learner_server(transport, servicer)
     transport.port = port
@@ -502,3 +507,33 @@ def test_events_are_json_objects_or_refused(server):
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     client.close()
+
+
+@pytest.mark.parametrize("server", [{"num_actors": 2}], indirect=True)
+def test_held_parameter_streams_cannot_starve_a_real_actor(server):
+    # Issue 17: streams held open by one client used every worker thread (2 x actors + 8 = 12) and a real
+    # actor stalled. Now each actor id holds one stream (the newest) and unknown ids get none.
+    servicer, transport = server
+    servicer.parameters.publish(0, VALID_PARAMETERS)
+    stranger = LearnerClient(transport, 7)
+    with pytest.raises(grpc.RpcError) as refused:
+        next(stranger.stream_parameters())
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    hostile = [LearnerClient(transport, 0) for _ in range(12)]  # a connection each, as a raw client can
+    held = [client.stream_parameters() for client in hostile]  # each one served (headers received)
+    real = LearnerClient(transport, 1)
+    receiver = ParameterReceiver(real, max_bytes=1 << 20, max_backoff_s=0.5)
+    try:
+        receiver.start()
+        message = receiver.wait_for_newer(None, timeout=15)
+        assert message is not None and message.seed_starts == [10, 20]
+        deadline = time.monotonic() + 10
+        while servicer.open_streams > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert servicer.open_streams <= 2  # one per actor id
+    finally:
+        receiver.stop()
+        for call in held:
+            call.cancel()
+        for client in (*hostile, stranger, real):
+            client.close()

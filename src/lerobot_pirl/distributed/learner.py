@@ -91,6 +91,7 @@ class ActorServer:
             self._rollout_spec(),
             max_upload_bytes=int(self.transport.max_upload_mb * MIB),
             token=learner_token(),
+            num_actors=self.transport.num_actors,
         )
         self.server, self.port = start_learner_server(self.transport, self.servicer)
 

@@ -233,6 +233,7 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         max_upload_bytes: int,
         token: str | None = None,
         on_event: Callable[[dict], None] | None = None,
+        num_actors: int | None = None,
     ):
         self.parameters = parameters
         self.rollouts = rollouts
@@ -244,6 +245,11 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         self.rejected = 0  # payloads refused so far (tests and logs read it)
         self._streams_lock = threading.Lock()
         self.open_streams = 0
+        # Parameter streams: ids 0..num_actors-1 only, one stream per id (the newest), so no client can hold
+        # the server's worker threads with streams (issue 17: 12 held streams stalled a real actor).
+        self.actor_ids = None if num_actors is None else {str(i) for i in range(num_actors)}
+        self._stream_of_actor: dict[str, int] = {}
+        self._streams_opened = 0
 
     def _authorize(self, context: grpc.ServicerContext) -> dict[str, str]:
         metadata = invocation_metadata(context)
@@ -270,13 +276,27 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
     def StreamParameters(self, request, context):  # noqa: N802
         metadata = self._authorize(context)
         actor = metadata.get(ACTOR_ID_METADATA, "?")
+        if self.actor_ids is not None and actor not in self.actor_ids:
+            logger.error("refused a parameter stream from %s: unknown actor id %r", context.peer(), actor)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown actor id {actor!r}")
         context.send_initial_metadata(())  # lets the actor know at once that it is connected
-        logger.info("actor %s connected from %s", actor, context.peer())
         with self._streams_lock:
             self.open_streams += 1
+            self._streams_opened += 1
+            stream = self._streams_opened
+            replaced = actor in self._stream_of_actor
+            self._stream_of_actor[actor] = stream
+        logger.info(
+            "actor %s connected from %s%s",
+            actor,
+            context.peer(),
+            " (its earlier stream is closed)" if replaced else "",
+        )
         try:
             sent_version = None
-            while context.is_active() and not self.stopping.is_set():
+            while (
+                context.is_active() and not self.stopping.is_set() and self._stream_of_actor[actor] == stream
+            ):
                 published = self.parameters.wait_for_newer(sent_version, timeout=0.5)
                 if published is None:
                     continue
@@ -287,6 +307,8 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         finally:
             with self._streams_lock:
                 self.open_streams -= 1
+                if self._stream_of_actor.get(actor) == stream:
+                    del self._stream_of_actor[actor]
             logger.info("actor %s stream closed", actor)
 
     def SendTransitions(self, request_iterator, context):  # noqa: N802
