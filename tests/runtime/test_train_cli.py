@@ -33,6 +33,13 @@ def policy_dir(tmp_path_factory) -> Path:
     return save_tiny_flow_mlp(tmp_path_factory.mktemp("policy") / "tiny_flow_mlp")
 
 
+def the_error_line(capsys) -> str:
+    """The one `<program>: error: ...` line a refused command printed (there must be exactly one)."""
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
 def run_main(monkeypatch, args: list[str]) -> int:
     """The console script in-process; returns its exit status."""
     from lerobot_pirl.scripts.train import cli
@@ -240,8 +247,8 @@ def test_bad_input_gets_one_error_line_before_any_work(
         )
         cli()
     assert exit_info.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and expected in error_lines[0]
+    error_line = the_error_line(capsys)
+    assert expected in error_line
     assert not out.exists()
 
 
@@ -355,8 +362,8 @@ def test_a_push_without_login_is_refused_before_training(monkeypatch, capsys, tm
     monkeypatch.setattr("lerobot_pirl.runtime.hub.get_token", lambda: None)
     out = tmp_path / "run"
     assert run_main(monkeypatch, push_args(policy_dir, out)) == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and "needs a Hugging Face login" in error_lines[0]
+    error_line = the_error_line(capsys)
+    assert "needs a Hugging Face login" in error_line
     assert not out.exists()
 
 
@@ -574,8 +581,8 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(
     shutil.copytree(policy_dir, folder)
     args = [f"--policy.path={folder}", *FAST_RUN, f"--output_dir={folder / output_dir}"]
     assert run_main(monkeypatch, args) == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and expected in error_lines[0]
+    error_line = the_error_line(capsys)
+    assert expected in error_line
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in policy_dir.iterdir())
 
 
@@ -647,8 +654,8 @@ def test_resume_with_every_checkpoint_damaged_is_one_error_line(
     for checkpoint in ("000001", "000002"):
         (out / "checkpoints" / checkpoint / "training_state" / "rng_state.safetensors").unlink()
     assert run_main(monkeypatch, [*FAST_RUN, f"--output_dir={out}", "--resume=true"]) == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and "every checkpoint in" in error_lines[0]
+    error_line = the_error_line(capsys)
+    assert "every checkpoint in" in error_line
 
 
 def test_a_run_stopped_before_its_first_checkpoint_restarts_in_its_folder(
@@ -685,10 +692,8 @@ def test_a_processor_file_that_names_code_is_refused_before_anything_runs(
     (folder / "policy_preprocessor.json").write_text(json.dumps(preprocessor))
     out = tmp_path / "run"
     assert run_main(monkeypatch, [f"--policy.path={folder}", *FAST_RUN, f"--output_dir={out}"]) == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert (
-        len(error_lines) == 1 and "step 0" in error_lines[0] and "policy_preprocessor.json" in error_lines[0]
-    )
+    error_line = the_error_line(capsys)
+    assert "step 0" in error_line and "policy_preprocessor.json" in error_line
     assert not marker.exists() and not out.exists()
 
 
@@ -701,8 +706,8 @@ def test_resume_continues_the_saved_run_and_refuses_a_changed_setting(
     shutil.copytree(two_checkpoint_run, out, symlinks=True)
     saved = json.loads((out / "train_config.json").read_text())
     assert run_main(monkeypatch, [f"--output_dir={out}", "--resume=true", "--algorithm.actor_lr=1e9"]) == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and "--algorithm.actor_lr cannot change on --resume=true" in error_lines[0]
+    error_line = the_error_line(capsys)
+    assert "--algorithm.actor_lr cannot change on --resume=true" in error_line
     assert json.loads((out / "train_config.json").read_text()) == saved
 
     assert run_main(monkeypatch, [f"--output_dir={out}", "--resume=true", "--iterations=3"]) == 0
@@ -746,8 +751,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
         f"--output_dir={out}",
     ]
     assert run_main(monkeypatch, args) == 1
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(error_lines) == 1
-    assert "could not write checkpoint 000002 (No space left on device)" in error_lines[0]
-    assert str(out / "checkpoints" / "000001") in error_lines[0]
+    error_line = the_error_line(capsys)
+    assert "could not write checkpoint 000002 (No space left on device)" in error_line
+    assert str(out / "checkpoints" / "000001") in error_line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "last"]

@@ -47,6 +47,15 @@ RESUME_CHANGEABLE = (
     "rollout.num_workers",
     "eval.num_workers",
     "wandb.",
+    # the learner's address, TLS files and timeouts (not its number of actors)
+    "transport.host",
+    "transport.port",
+    "transport.tls",
+    "transport.straggler_timeout_s",
+    "transport.reconnect",
+    "transport.upload_timeout_s",
+    "transport.max_",
+    "transport.dist_timeout_s",
 )
 
 
