@@ -40,6 +40,17 @@ def the_error_line(capsys) -> str:
     return lines[0]
 
 
+def checkpoint_every_iteration(policy_dir: Path, out: Path, iterations: int) -> list[str]:
+    """A fast run that saves a checkpoint after each of its iterations."""
+    return [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        f"--iterations={iterations}",
+        "--save_freq=1",
+        f"--output_dir={out}",
+    ]
+
+
 def run_main(monkeypatch, args: list[str]) -> int:
     """The console script in-process; returns its exit status."""
     from lerobot_pirl.scripts.train import cli
@@ -292,13 +303,7 @@ def test_a_non_finite_loss_keeps_the_last_good_checkpoint_and_ends_with_a_stoppe
         return samples.replace(returns=samples.returns * float("nan")), stats
 
     monkeypatch.setattr(PPO, "update_samples", poisoned_in_iteration_2)
-    args = [
-        f"--policy.path={policy_dir}",
-        *FAST_RUN,
-        "--iterations=3",
-        "--save_freq=1",
-        f"--output_dir={out}",
-    ]
+    args = checkpoint_every_iteration(policy_dir, out, iterations=3)
     assert run_main(monkeypatch, args) == 1
     captured = capsys.readouterr()
     assert "→ RL" not in captured.out and f"checkpoint: {weights.parents[1]}" in captured.out
@@ -589,13 +594,7 @@ def test_an_output_dir_that_cannot_be_made_is_one_error_line(
 @pytest.fixture(scope="module")
 def two_checkpoint_run(tmp_path_factory, policy_dir) -> Path:
     out = tmp_path_factory.mktemp("two_checkpoints") / "run"
-    args = [
-        f"--policy.path={policy_dir}",
-        *FAST_RUN,
-        "--iterations=2",
-        "--save_freq=1",
-        f"--output_dir={out}",
-    ]
+    args = checkpoint_every_iteration(policy_dir, out, iterations=2)
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert run_main(monkeypatch, args) == 0
     return out
@@ -630,13 +629,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     out = tmp_path / "run"
     shutil.copytree(two_checkpoint_run, out, symlinks=True)
     damage(out / "checkpoints" / "000002" / "training_state")
-    args = [
-        f"--policy.path={policy_dir}",
-        *FAST_RUN,
-        "--iterations=3",
-        "--save_freq=1",
-        f"--output_dir={out}",
-    ]
+    args = checkpoint_every_iteration(policy_dir, out, iterations=3)
     assert run_main(monkeypatch, [*args, "--resume=true"]) == 0
     assert "000002 cannot be resumed from" in capsys.readouterr().err
     iterations = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -743,13 +736,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full_at_the_second_checkpoint)
     out = tmp_path / "run"
-    args = [
-        f"--policy.path={policy_dir}",
-        *FAST_RUN,
-        "--iterations=3",
-        "--save_freq=1",
-        f"--output_dir={out}",
-    ]
+    args = checkpoint_every_iteration(policy_dir, out, iterations=3)
     assert run_main(monkeypatch, args) == 1
     error_line = the_error_line(capsys)
     assert "could not write checkpoint 000002 (No space left on device)" in error_line
