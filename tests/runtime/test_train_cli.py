@@ -6,12 +6,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from lerobot_pirl.policies.flow_mlp import FlowMLPPolicy
+from lerobot_pirl.runtime.metrics import MetricsLog
 from lerobot_pirl.testing.tiny_flow_mlp import save_tiny_flow_mlp
 
 FAST_RUN = [
@@ -104,8 +105,6 @@ def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(
     # The checkpoint is a standard LeRobot flow_mlp checkpoint with its processors.
     from lerobot.policies.factory import make_pre_post_processors
 
-    from lerobot_pirl.policies.flow_mlp import FlowMLPPolicy
-
     pretrained = out / "checkpoints" / "last" / "pretrained_model"
     assert (out / "checkpoints" / "last").resolve().name == "000002"
     policy = FlowMLPPolicy.from_pretrained(pretrained)
@@ -143,45 +142,154 @@ def test_training_run_writes_a_lerobot_checkpoint_metrics_plots_and_videos(
         )
 
 
-def test_a_killed_run_resumes_to_the_same_step_count_with_no_checkpoint_lost(tmp_path, policy_dir):
-    out = tmp_path / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "lerobot_pirl.scripts.train",
+# Run as `python <driver> <module> <function> <call> <flags...>`: lerobot-pirl-train, killed with SIGKILL
+# when the named function is entered for the <call>-th time in this process.
+KILLING_DRIVER = """
+import importlib, os, signal, sys
+
+def main():
+    module_name, function_name, kill_on_call, *argv = sys.argv[1:]
+    module = importlib.import_module(module_name)
+    owner, _, attribute = function_name.rpartition(".")
+    owner = getattr(module, owner) if owner else module
+    function, calls = getattr(owner, attribute), []
+
+    def killed_on_the_chosen_call(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == int(kill_on_call):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return function(*args, **kwargs)
+
+    setattr(owner, attribute, killed_on_the_chosen_call)
+    from lerobot_pirl.scripts.train import cli
+    sys.argv = ["lerobot-pirl-train", *argv]
+    cli()
+
+if __name__ == "__main__":
+    main()
+"""
+
+# Dense rewards and a large step, so that different data would give different weights.
+LEARNING_SIGNAL = [
+    "--rollout.sparse_reward=false",
+    "--rollout.end_on_success=false",
+    "--rollout.reward_scale=0.1",
+    "--algorithm.actor_lr=1e-3",
+]
+
+
+# Everything in a metrics row that does not depend on the machine's speed.
+def reproducible_columns(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith(("time", "charts/"))} for row in rows]
+
+
+def trained_state(run: Path) -> dict[str, torch.Tensor]:
+    """The weights, RL heads and optimizer moments of a run's last checkpoint."""
+    from safetensors.torch import load_file
+
+    last = run / "checkpoints" / "last"
+    return {
+        **load_file(last / "pretrained_model" / "model.safetensors"),
+        **load_file(last / "training_state" / "rl_heads.safetensors"),
+        **load_file(last / "training_state" / "optimizer_state.safetensors"),
+    }
+
+
+def test_a_run_killed_at_three_points_and_resumed_ends_as_the_uninterrupted_run(
+    monkeypatch, tmp_path, policy_dir
+):
+    # Issue 17 (exact resume): killed in a rollout, while writing a checkpoint and in an evaluation, then
+    # resumed each time, the run ends with the uninterrupted run's metrics, weights and optimizer state.
+    # Checkpoints every 2 iterations, so episodes also run across iterations between two of them.
+    run_flags = [
         f"--policy.path={policy_dir}",
         *FAST_RUN,
         "--iterations=6",
+        "--save_freq=2",
+        "--eval.freq=2",
+        "--eval.videos=0",
+        *LEARNING_SIGNAL,
+    ]
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_main(monkeypatch, [*run_flags, f"--output_dir={uninterrupted}"]) == 0
+
+    out = tmp_path / "killed"
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILLING_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    kills = [  # (where, on which call in that process, the checkpoint a resume continues from)
+        ("lerobot_pirl.rollout.collector", "ChunkCollector.collect", 3, "000002"),  # iteration 3's rollout
+        ("lerobot_pirl.runtime.checkpoint", "save_file", 1, "000002"),  # writing checkpoint 4
+        (
+            "lerobot_pirl.runtime.trainer",
+            "evaluate",
+            2,
+            "000006",
+        ),  # iteration 6's evaluation, saved before it
+    ]
+    for number, (module, function, call, resume_from) in enumerate(kills):
+        flags = [*run_flags, f"--output_dir={out}"] + (["--resume=true"] if number else [])
+        killed = subprocess.run(
+            [sys.executable, str(driver), module, function, str(call), *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert (out / "checkpoints" / "last").resolve().name == resume_from
+        if function == "save_file":  # killed in the middle of writing checkpoint 4
+            assert (out / "checkpoints" / "000004.partial").is_dir()
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "lerobot_pirl.scripts.train", f"--output_dir={out}", "--resume=true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000002", "000004", "000006", "last"]
+    killed_rows, uninterrupted_rows = (MetricsLog.read(run / "metrics.jsonl") for run in (out, uninterrupted))
+    assert [row["iteration"] for row in killed_rows] == list(range(7))  # each iteration exactly once
+    assert reproducible_columns(killed_rows) == reproducible_columns(uninterrupted_rows)
+    expected, got = trained_state(uninterrupted), trained_state(out)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    start = FlowMLPPolicy.from_pretrained(policy_dir).state_dict()
+    assert not torch.equal(start["model.velocity_out.weight"], got["model.velocity_out.weight"])
+
+
+def test_a_resumed_grpo_run_is_the_uninterrupted_run(monkeypatch, tmp_path, policy_dir):
+    grpo_flags = [
+        f"--policy.path={policy_dir}",
+        *FAST_RUN,
+        "--algorithm.type=grpo",
+        "--algorithm.group_size=2",
+        *LEARNING_SIGNAL,
+        "--iterations=3",
         "--save_freq=1",
         "--eval.freq=0",
         "--eval.videos=0",
-        f"--output_dir={out}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "checkpoints" / "000003").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no third checkpoint within 4 minutes"
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads(
-        (out / "checkpoints" / "last" / "training_state" / "trainer_state.json").read_text()
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_main(monkeypatch, [*grpo_flags, f"--output_dir={whole}"]) == 0
+    # Stopped by its env-step budget after one iteration (2 episodes of 24 steps), then resumed. The
+    # iteration count stays: it shapes the learning-rate schedule.
+    assert run_main(monkeypatch, [*grpo_flags, "--max_env_steps=48", f"--output_dir={split}"]) == 0
+    assert run_main(monkeypatch, [f"--output_dir={split}", "--resume=true", "--max_env_steps=1000"]) == 0
+    assert [row["iteration"] for row in MetricsLog.read(split / "metrics.jsonl")] == [0, 1, 2, 3]
+    # The stopped run evaluated its iteration 1 too; that evaluation draws from its own generators.
+    split_rows, whole_rows = (
+        [
+            {k: v for k, v in row.items() if not k.startswith("eval/")}
+            for row in MetricsLog.read(run / "metrics.jsonl")
+        ]
+        for run in (split, whole)
     )
-    assert 3 <= killed_at["iteration"] < 6
-
-    resumed = subprocess.run(
-        [*command, "--resume=true"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name != "last")
-    assert checkpoints == [f"{i:06d}" for i in range(1, 7)]
-    assert not list((out / "checkpoints").glob("*.partial"))
-    final = json.loads((out / "checkpoints" / "last" / "training_state" / "trainer_state.json").read_text())
-    assert final["iteration"] == 6 and final["env_steps"] > killed_at["env_steps"]
-    iterations = [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert iterations == list(range(7))  # the SFT eval once, each iteration exactly once
+    assert reproducible_columns(split_rows) == reproducible_columns(whole_rows)
+    expected, got = trained_state(whole), trained_state(split)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def with_policy(flag: str):
@@ -742,3 +850,42 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
     assert "could not write checkpoint 000002 (No space left on device)" in error_line
     assert str(out / "checkpoints" / "000001") in error_line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["000001", "last"]
+
+
+def test_a_full_disk_for_the_metrics_is_one_line_and_for_a_video_a_warning(
+    monkeypatch, capsys, tmp_path, policy_dir
+):
+    import builtins
+    import errno
+
+    import lerobot_pirl.runtime.evaluation as evaluation
+    import lerobot_pirl.runtime.metrics as metrics
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # A video that cannot be written is left out; the run goes on and ends normally.
+    monkeypatch.setattr(evaluation, "write_video", no_space)
+    out = tmp_path / "videos_full"
+    assert run_main(monkeypatch, checkpoint_every_iteration(policy_dir, out, iterations=1)) == 0
+    captured = capsys.readouterr()
+    assert "could not write the video" in captured.err and "SFT" in captured.out
+    assert not list(out.glob("videos/*.mp4"))
+
+    # metrics.jsonl cannot be appended to after the first iteration's row: one line, the checkpoint kept.
+    appended = []
+
+    def full_after_two_rows(path, mode="r", *args, **kwargs):
+        if str(path).endswith("metrics.jsonl") and "a" in mode:
+            appended.append(path)
+            if len(appended) == 3:
+                no_space()
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(metrics, "open", full_after_two_rows, raising=False)
+    out = tmp_path / "metrics_full"
+    assert run_main(monkeypatch, checkpoint_every_iteration(policy_dir, out, iterations=3)) == 1
+    error_line = the_error_line(capsys)
+    assert f"could not append to {out / 'metrics.jsonl'} (No space left on device)" in error_line
+    assert f"the last complete checkpoint is {out / 'checkpoints' / '000002'}" in error_line
+    assert [row["iteration"] for row in MetricsLog.read(out / "metrics.jsonl")] == [0, 1]

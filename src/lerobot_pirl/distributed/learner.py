@@ -183,6 +183,9 @@ class ActorServer:
         if not final_iteration:
             self.publish()  # actors collect v+1 while the trainer evaluates and checkpoints
 
+    def after_checkpoint(self) -> None:
+        pass  # the episodes in flight live in the actors, which keep them across a learner restart
+
     def close(self, completed: bool) -> None:
         """Stop serving. After a completed run the actors are told to exit; after an interruption they
         are not (they keep retrying, and a `--resume=true` learner picks them up again)."""

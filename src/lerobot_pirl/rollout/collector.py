@@ -152,6 +152,10 @@ class ChunkCollector:
         self.next_seed += count
         return seeds
 
+    def restart_episodes(self) -> None:
+        """Drop the episodes in flight: the next continuous rollout resets every env from `next_seed`."""
+        self._observation = None
+
     def reset(self, seeds: list[int] | None = None, mask: np.ndarray | None = None) -> dict:
         """Reset all sub-envs, or those in `mask`, starting genuinely new episodes."""
         return reset_envs(self.vec_env, seeds, mask)

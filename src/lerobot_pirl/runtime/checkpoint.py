@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ from safetensors.torch import load_file, save_file
 
 from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.runtime.config import TRAIN_CONFIG_FILE
+from lerobot_pirl.runtime.metrics import OutputWriteError
 
 HEADS_FILE = "rl_heads.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ALGORITHM_FILE = "algorithm_config.json"
+ITERATION_ROW_FILE = "iteration_row.json"
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +57,20 @@ class TrainerState:
     sft_eval_episodes: int = 0
 
 
+@dataclass
+class IterationRow:
+    """The checkpointed iteration's metrics row, saved before its evaluation runs and the row is logged."""
+
+    row: dict
+    evaluation_due: bool
+
+
 def save_config(cfg, path: Path) -> None:
     with open(path, "w") as f, draccus.config_type("json"):
         draccus.dump(cfg, f, indent=4)
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(OutputWriteError):
     """A checkpoint could not be written (disk full, read-only, ...); the CLIs print it as one line."""
 
 
@@ -74,13 +85,14 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     state: TrainerState,
+    row: IterationRow | None = None,
 ) -> Path:
     """Write checkpoints/<iteration>/ via a temporary folder, then point `last` at it. An I/O failure
     removes the temporary folder and raises CheckpointWriteError; `last` is left as it was."""
     final_dir = get_step_checkpoint_dir(output_dir, total_iterations, state.iteration)
     staging = final_dir.with_name(final_dir.name + ".partial")
     try:
-        _write_checkpoint(staging, cfg, policy, preprocessor, postprocessor, optimizer, scheduler, state)
+        _write_checkpoint(staging, cfg, policy, preprocessor, postprocessor, optimizer, scheduler, state, row)
     except (OSError, SafetensorError) as error:  # safetensors reports a full disk as its own error
         shutil.rmtree(staging, ignore_errors=True)
         kept = last_checkpoint(output_dir)
@@ -96,7 +108,9 @@ def save_checkpoint(
     return final_dir
 
 
-def _write_checkpoint(staging, cfg, policy, preprocessor, postprocessor, optimizer, scheduler, state) -> None:
+def _write_checkpoint(
+    staging, cfg, policy, preprocessor, postprocessor, optimizer, scheduler, state, row
+) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     pretrained = staging / PRETRAINED_MODEL_DIR
@@ -115,6 +129,10 @@ def _write_checkpoint(staging, cfg, policy, preprocessor, postprocessor, optimiz
     with open(training_state / ALGORITHM_FILE, "w") as f, draccus.config_type("json"):
         draccus.dump(cfg.algorithm, f, indent=4)
     (training_state / TRAINER_STATE_FILE).write_text(json.dumps(state.__dict__, indent=2))
+    if row is not None:
+        finite = {k: v for k, v in row.row.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        document = {"row": finite, "evaluation_due": row.evaluation_due}
+        (training_state / ITERATION_ROW_FILE).write_text(json.dumps(document, indent=2))
 
 
 def point_last_at(checkpoint_dir: Path) -> None:
@@ -196,6 +214,14 @@ def resumable_checkpoint(output_dir: Path) -> Path | None:
             "checkpoint %s cannot be resumed from: %s; trying the one before", checkpoint_dir, damage
         )
     return None
+
+
+def load_iteration_row(checkpoint_dir: Path) -> IterationRow | None:
+    path = checkpoint_dir / TRAINING_STATE_DIR / ITERATION_ROW_FILE
+    if not path.is_file():
+        return None
+    document = json.loads(path.read_text())
+    return IterationRow(document["row"], bool(document["evaluation_due"]))
 
 
 def load_trainer_state(checkpoint_dir: Path) -> TrainerState:

@@ -3,6 +3,7 @@ and every RL checkpoint (a protocol mismatch between them reads as "RL made it w
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from scipy.stats import binomtest
 
 from lerobot_pirl.progress import progress_bar
 from lerobot_pirl.rollout.collector import ChunkCollector
+
+logger = logging.getLogger(__name__)
 
 
 def success_interval(successes: int, episodes: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -102,8 +105,11 @@ def evaluate(
             video_dir.mkdir(parents=True, exist_ok=True)
             for env, frames in zip(collector.recorded_envs, collector.recorded_frames, strict=True):
                 path = video_dir / f"{video_prefix}_episode_{env}.mp4"  # env i runs episode i in round 0
-                write_video(path, frames, fps)
-                videos.append(str(path))
+                try:
+                    write_video(path, frames, fps)
+                    videos.append(str(path))
+                except OSError as error:  # a video is for looking at: the evaluation's numbers go on
+                    logger.warning("could not write the video %s (%s); going on without it", path, error)
         round_index += 1
         progress.update(take)
     progress.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class OutputWriteError(OSError):
+    """A run output that cannot be lost (metrics, a checkpoint) could not be written (disk full,
+    read-only, ...); the CLIs print it as one line, exit status 1."""
 
 
 class MetricsLog:
@@ -32,9 +40,13 @@ class MetricsLog:
 
     def append(self, row: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        line = json.dumps(clean) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as error:
+            raise OutputWriteError(f"could not append to {self.path} ({error.strerror or error})") from error
         self.rows.append(clean)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
 
 
 def _series(rows: list[dict], key: str, x_key: str = "env_steps") -> tuple[list, list]:
@@ -64,9 +76,7 @@ def plot_learning_curves(rows: list[dict], plot_dir: Path, title: str = "") -> l
         ax.set_title(title or "success")
         ax.legend()
         fig.tight_layout()
-        written.append(plot_dir / "success.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        _save_figure(fig, plot_dir / "success.png", written)
 
     panels = [
         ("losses/policy_loss", "policy loss"),
@@ -83,7 +93,16 @@ def plot_learning_curves(rows: list[dict], plot_dir: Path, title: str = "") -> l
             ax.set_title(label)
             ax.set_xlabel("env steps")
         fig.tight_layout()
-        written.append(plot_dir / "training.png")
-        fig.savefig(written[-1], dpi=100)
-        plt.close(fig)
+        _save_figure(fig, plot_dir / "training.png", written)
     return written
+
+
+def _save_figure(fig, path: Path, written: list[Path]) -> None:
+    """Plots are redrawn from metrics.jsonl at every checkpoint: one that cannot be written is a warning."""
+    try:
+        fig.savefig(path, dpi=100)
+        written.append(path)
+    except OSError as error:
+        logger.warning("could not write the plot %s (%s); going on without it", path, error.strerror or error)
+    finally:
+        plt.close(fig)

@@ -38,10 +38,12 @@ from lerobot_pirl.rollout.collector import ChunkCollector
 from lerobot_pirl.rollout.workers import EnvWorkerError
 from lerobot_pirl.runtime.checkpoint import (
     TRAIN_CONFIG_FILE,
+    IterationRow,
     TrainerState,
     complete_checkpoints,
     get_step_checkpoint_dir,
     last_checkpoint,
+    load_iteration_row,
     restore_training_state,
     resumable_checkpoint,
     save_checkpoint,
@@ -56,7 +58,7 @@ from lerobot_pirl.runtime.factory import (
     resolve_device,
     resolve_policy_source,
 )
-from lerobot_pirl.runtime.metrics import MetricsLog, plot_learning_curves
+from lerobot_pirl.runtime.metrics import MetricsLog, OutputWriteError, plot_learning_curves
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,9 @@ class BatchSource(Protocol):
 
     def after_update(self, final_iteration: bool) -> None:
         """Right after an update (the learner publishes the next version before evaluating)."""
+
+    def after_checkpoint(self) -> None:
+        """Right after a checkpoint: the next rollout must start as a resume from it would start."""
 
     def close(self, completed: bool) -> None: ...
 
@@ -135,6 +140,12 @@ class LocalCollection:
 
     def after_update(self, final_iteration: bool) -> None:
         pass
+
+    def after_checkpoint(self) -> None:
+        # A checkpoint is a clean cut (issue 17: exact resume): the episodes in flight end there, as
+        # time-limit truncations already bootstrapped by the rollout's last value, and the next rollout
+        # resets every env from the saved seed counter, exactly what a resume from it does.
+        self.collector.restart_episodes()
 
     def close(self, completed: bool) -> None:
         close_envs(self.envs)
@@ -253,7 +264,8 @@ class Trainer:
     def run(self) -> TrainResult:
         sft_result = self._evaluate_sft() if self.state.iteration == 0 and self.resume_from is None else None
         self._run_started, self._elapsed_before = time.perf_counter(), self.state.elapsed_s
-        last_eval, checkpoint_dir, error, completed = sft_result, None, None, False
+        last_eval = sft_result or self._log_the_checkpointed_iteration()
+        checkpoint_dir, error, completed = None, None, False
         progress = progress_bar(
             total=self.cfg.iterations, initial=self.state.iteration, desc="πRL", unit="it"
         )
@@ -288,22 +300,28 @@ class Trainer:
                 self.state.elapsed_s = self._elapsed_s()
                 update_s = time.perf_counter() - update_start
                 final_iteration = self._budget_spent()
-                self.source.after_update(final_iteration)
-                row = {  # 4. log, evaluate, save
+                row = {  # 4. save, publish, evaluate, log
                     **self._iteration_row(collected, update_s),
                     **rollout_row,
                     **sample_stats,
                     **update_metrics,
                     **collected.metrics,
                 }
+                evaluation_due = final_iteration or self._due(self.cfg.eval.freq)
+                saving = final_iteration or self._due(self.cfg.save_freq)
+                if saving:
+                    # Before the learner publishes the next version (issue 17): a learner killed after it
+                    # resumes past this update. The row travels with the checkpoint until it is logged.
+                    checkpoint_dir = self._save(IterationRow(row, evaluation_due))
+                self.source.after_update(final_iteration)
                 videos = []
-                if final_iteration or self._due(self.cfg.eval.freq):
+                if evaluation_due:
                     last_eval = self.evaluate(f"iter{self.state.iteration:06d}")
                     row.update(last_eval.to_metrics())
                     videos = last_eval.videos
                 self._log(row, videos)
-                if final_iteration or self._due(self.cfg.save_freq):
-                    checkpoint_dir = self._save()
+                if saving:
+                    self.source.after_checkpoint()
                     if self.wandb is not None:
                         self.wandb.log_checkpoint(checkpoint_dir)
                     plot_learning_curves(
@@ -367,6 +385,27 @@ class Trainer:
         logger.info("eval %s: %s in %s", label, result.summary(), duration(time.perf_counter() - begin))
         return result
 
+    def _log_the_checkpointed_iteration(self) -> EvalResult | None:
+        """A run killed between a checkpoint and that iteration's metrics row (in its evaluation, say):
+        log the row saved with the checkpoint, evaluating first if that was due."""
+        if self.resume_from is None or any(
+            r.get("iteration") == self.state.iteration for r in self.metrics.rows
+        ):
+            return None
+        pending = load_iteration_row(self.resume_from)
+        if pending is None:
+            return None
+        result, videos = None, []
+        if pending.evaluation_due:
+            result = self.evaluate(f"iter{self.state.iteration:06d}")
+            pending.row.update(result.to_metrics())
+            videos = result.videos
+        logger.info(
+            "logged iteration %d, saved with its checkpoint before the run stopped", self.state.iteration
+        )
+        self._log(pending.row, videos)
+        return result
+
     def _evaluate_sft(self) -> EvalResult:
         result = self.evaluate("sft")
         self.state.sft_success_rate, self.state.sft_eval_episodes = result.success_rate, result.n_episodes
@@ -397,7 +436,7 @@ class Trainer:
         }
         return " ".join(f"{key}:{value}" for key, value in fields.items())
 
-    def _save(self) -> Path:
+    def _save(self, row: IterationRow | None = None) -> Path:
         return save_checkpoint(
             self.output_dir,
             cfg=self.cfg,
@@ -408,10 +447,15 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             state=self.state,
+            row=row,
         )
 
     def _log(self, row: dict, videos: list[str] = ()) -> None:
-        self.metrics.append(row)
+        try:
+            self.metrics.append(row)
+        except OutputWriteError as error:
+            kept = last_checkpoint(self.output_dir)
+            raise OutputWriteError(f"{error}; the last complete checkpoint is {kept or 'none'}") from error
         if self.wandb is not None:
             self.wandb.log(row, videos)
 

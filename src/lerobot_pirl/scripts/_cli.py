@@ -9,8 +9,8 @@ from pathlib import Path
 import huggingface_hub.serialization._torch
 from draccus.utils import ParsingError
 
-from lerobot_pirl.runtime.checkpoint import CheckpointWriteError
 from lerobot_pirl.runtime.config import ConfigError
+from lerobot_pirl.runtime.metrics import OutputWriteError
 from lerobot_pirl_launch.train import flag_value
 
 # LeRobot's notices that are harmless for what we run, each a screenful or a line on every start: the
@@ -75,7 +75,7 @@ def run(main: Callable[[], int], program: str) -> None:
     except ParsingError as error:
         print(f"{program}: error: {root_cause(error)}", file=sys.stderr)
         status = 2
-    except CheckpointWriteError as error:
+    except OutputWriteError as error:
         print(f"{program}: error: {error}", file=sys.stderr)
         status = 1
     sys.exit(status)
