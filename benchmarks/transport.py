@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from lerobot_pirl.distributed.config import TransportConfig
+from lerobot_pirl.distributed.config import TOKEN_FILE, TransportConfig
 from lerobot_pirl.distributed.payloads import MIB, ParametersMessage, RolloutMessage, RolloutSpec
 from lerobot_pirl.distributed.transport import (
     LearnerClient,
@@ -271,7 +271,12 @@ def run_learner_and_actors(
     actor_processes = [
         start_cli(
             "lerobot-pirl-actor",
-            [*common, *transport, f"--transport.actor_id={a}"],
+            [
+                *common,
+                *transport,
+                f"--transport.token_file={output / TOKEN_FILE}",
+                f"--transport.actor_id={a}",
+            ],
             work / f"actor{actors}_{a}_{tag}.log",
         )
         for a in range(actors)

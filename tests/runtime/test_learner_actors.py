@@ -4,8 +4,10 @@ In-process runs use threads (one import of torch/LeRobot); the fault test and th
 processes forked from a preloaded forkserver (testing/processes.py), so they can be SIGKILLed.
 """
 
+import importlib
 import json
 import re
+import stat
 import sys
 import threading
 import time
@@ -22,10 +24,11 @@ from lerobot_pirl.algorithms.config import GRPOConfig, PPOConfig
 from lerobot_pirl.algorithms.ppo import ppo_samples
 from lerobot_pirl.algorithms.update import make_optimizer, policy_update
 from lerobot_pirl.distributed.actor import Actor
-from lerobot_pirl.distributed.config import DistributedTrainConfig, TransportConfig
+from lerobot_pirl.distributed.config import TOKEN_ENV, TOKEN_FILE, DistributedTrainConfig, TransportConfig
 from lerobot_pirl.distributed.ddp import encode_samples
 from lerobot_pirl.distributed.learner import build_learner, update_generator
 from lerobot_pirl.distributed.payloads import ParametersMessage, RolloutMessage, trainable_state
+from lerobot_pirl.distributed.transport import LearnerRefusedError, actor_token, learner_token
 from lerobot_pirl.runtime.config import ConfigError, EvalConfig, RolloutConfig
 from lerobot_pirl.runtime.factory import build_collector
 from lerobot_pirl.runtime.trainer import LocalCollection, Trainer
@@ -59,6 +62,11 @@ def make_cfg(policy_dir: Path, output_dir: Path, **transport) -> DistributedTrai
     )
     cfg.validate()
     return cfg
+
+
+def joining(learner: Trainer) -> dict:
+    """The transport settings an actor of this learner needs: its port and the run's token file."""
+    return {"port": learner.source.port, "token_file": learner.output_dir / TOKEN_FILE}
 
 
 def start_actors(learner: Trainer, cfgs: list[DistributedTrainConfig]) -> list[Actor]:
@@ -107,7 +115,7 @@ def test_one_learner_and_two_actors_complete_two_iterations(policy_dir, tmp_path
     learner.source.rollouts.submit = lambda message: (submit(message), received.append(message))
     actors = start_actors(
         learner,
-        [make_cfg(policy_dir, tmp_path / "unused", actor_id=a, port=learner.source.port) for a in (0, 1)],
+        [make_cfg(policy_dir, tmp_path / "unused", actor_id=a, **joining(learner)) for a in (0, 1)],
     )
     results = run_threads(learner, actors)
 
@@ -137,7 +145,7 @@ def test_one_learner_and_one_actor_make_the_single_process_trainers_update(polic
     learner = build_learner(cfg)
     initial = {k: v.detach().clone() for k, v in trainable_state(learner.policy).items()}
     run_threads(
-        learner, start_actors(learner, [make_cfg(policy_dir, tmp_path / "unused", port=learner.source.port)])
+        learner, start_actors(learner, [make_cfg(policy_dir, tmp_path / "unused", **joining(learner))])
     )
     distributed = trainable_state(learner.policy)
 
@@ -185,7 +193,7 @@ def test_grpo_groups_stay_inside_each_actor_and_its_seed_range(policy_dir, tmp_p
     submit = learner.source.rollouts.submit
     learner.source.rollouts.submit = lambda message: (submit(message), received.append(message))
     actors = start_actors(
-        learner, [grpo_cfg(tmp_path / "unused", actor_id=a, port=learner.source.port) for a in (0, 1)]
+        learner, [grpo_cfg(tmp_path / "unused", actor_id=a, **joining(learner)) for a in (0, 1)]
     )
     results = run_threads(learner, actors)
 
@@ -216,6 +224,49 @@ def test_bad_transport_flags_get_one_error_line(monkeypatch, capsys):
         capsys.readouterr().err.strip()
         == "lerobot-pirl-learner: error: --transport.num_actors must be >= 1, got 0"
     )
+
+
+@pytest.mark.parametrize(
+    "program, flags, message",
+    [
+        ("learner", ["--transport.host=0.0.0.0"], "set --transport.tls_cert/--transport.tls_key, or"),
+        ("actor", ["--transport.host=10.1.2.3"], "set --transport.tls_ca, or --transport.insecure=true"),
+        ("learner", ["--transport.token_file=/nonexistent/token"], "token_file=/nonexistent/token is not a"),
+    ],
+)
+def test_plaintext_beyond_loopback_and_a_missing_token_file_are_refused(
+    monkeypatch, capsys, program, flags, message
+):
+    # Issue 17: serving other machines without TLS was only a warning.
+    module = importlib.import_module(f"lerobot_pirl.scripts.{program}")
+    monkeypatch.setattr(sys, "argv", [f"lerobot-pirl-{program}", *flags, "--output_dir=/nonexistent"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.cli()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"lerobot-pirl-{program}: error: ") and message in error and "\n" not in error
+    insecure = TransportConfig(host="0.0.0.0", insecure=True)
+    insecure.check("learner")  # an explicit choice
+    TransportConfig(host="::1").check("actor")
+    TransportConfig(host="localhost").check("learner")
+
+
+def test_the_learner_makes_a_private_token_per_run_and_keeps_it_for_its_resumes(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    transport = TransportConfig()
+    token, flag = learner_token(transport, tmp_path)
+    path = tmp_path / TOKEN_FILE
+    assert flag == f"--transport.token_file={path}" and path.read_text().strip() == token
+    assert len(token) >= 40 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert learner_token(transport, tmp_path)[0] == token  # a resume keeps the actors' token
+    other_run = tmp_path / "other"
+    other_run.mkdir()
+    assert learner_token(transport, other_run)[0] != token
+    assert actor_token(TransportConfig(token_file=path), timeout_s=1) == token
+    with pytest.raises(LearnerRefusedError, match="did not appear"):
+        actor_token(TransportConfig(token_file=tmp_path / "never"), timeout_s=0.5)
+    monkeypatch.setenv(TOKEN_ENV, "from-the-environment")
+    assert learner_token(transport, other_run)[0] == actor_token(transport, 1) == "from-the-environment"
 
 
 def test_an_actor_with_other_rollout_settings_or_weights_is_refused(policy_dir, tmp_path):
@@ -332,6 +383,7 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
         "--transport.num_actors=2",
         "--transport.straggler_timeout_s=3",
     ]
+    actor_args = [*common, f"--transport.token_file={output_dir / TOKEN_FILE}"]  # waited for until made
     logs = {
         name: tmp_path / f"{name}.log" for name in ("learner1", "learner2", "actor0", "actor1", "actor1b")
     }
@@ -339,10 +391,10 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
     try:
         processes["learner1"] = start_cli("lerobot-pirl-learner", learner_args, logs["learner1"])
         processes["actor0"] = start_cli(
-            "lerobot-pirl-actor", [*common, "--transport.actor_id=0"], logs["actor0"]
+            "lerobot-pirl-actor", [*actor_args, "--transport.actor_id=0"], logs["actor0"]
         )
         processes["actor1"] = start_cli(
-            "lerobot-pirl-actor", [*common, "--transport.actor_id=1"], logs["actor1"]
+            "lerobot-pirl-actor", [*actor_args, "--transport.actor_id=1"], logs["actor1"]
         )
 
         # 1. Kill actor 1 while it collects version 1: the learner goes on with actor 0 after the timeout.
@@ -355,7 +407,7 @@ def test_a_killed_actor_is_waited_for_then_rejoins_and_a_killed_learner_resumes_
 
         # 2. A restarted actor 1 joins at the version being collected.
         processes["actor1b"] = start_cli(
-            "lerobot-pirl-actor", [*common, "--transport.actor_id=1"], logs["actor1b"]
+            "lerobot-pirl-actor", [*actor_args, "--transport.actor_id=1"], logs["actor1b"]
         )
         wait_for(
             lambda: any(r["iteration"] >= 3 and r.get("transport/actors") == 2.0 for r in rows(output_dir)),

@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lerobot.transport import services_pb2
+from lerobot.transport.utils import send_bytes_in_chunks
 
 from lerobot_pirl.distributed.config import TOKEN_ENV, TransportConfig
 from lerobot_pirl.distributed.payloads import (
@@ -26,9 +27,9 @@ from lerobot_pirl.distributed.payloads import (
     PayloadError,
     RolloutMessage,
     RolloutSpec,
-    all_finite,
     encode_payload,
     load_trainable_state,
+    within_magnitude,
 )
 from lerobot_pirl.distributed.transport import (
     LearnerClient,
@@ -146,6 +147,11 @@ def test_parameters_round_trip_and_strict_loading():
         ),
         (lambda b: b.observations.__setitem__("extra", torch.zeros(T, N, 1)), "observations"),
         (lambda b: setattr(b, "chains", torch.zeros(T, N, K + 1, H, A + 1)), "chains"),
+        # Issue 17: float64 chains and finite but absurd values used to be accepted and trained on.
+        (lambda b: setattr(b, "chains", b.chains.double()), "chains must be a float32"),
+        (lambda b: b.logprobs.__setitem__((0, 0), -1e38), "logprobs holds NaN, inf or a magnitude"),
+        (lambda b: b.chains.__setitem__((2, 1, 0, 0, 0), 3e7), "chains holds"),
+        (lambda b: b.rewards.__setitem__((1, 1), 1e9), "rewards holds"),
     ],
 )
 def test_rollouts_that_break_the_contract_are_refused(corrupt, message):
@@ -156,14 +162,15 @@ def test_rollouts_that_break_the_contract_are_refused(corrupt, message):
     assert refused.value.reason == MALFORMED
 
 
-def test_finiteness_check_sees_every_nan_and_inf_and_no_half_precision_overflow():
-    ones = torch.ones(100_000, dtype=torch.float16)  # sums to 1e5 > 65504, the float16 maximum
-    assert all_finite(ones) and all_finite(ones.bfloat16()) and all_finite(torch.arange(5))
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+def test_magnitude_check_sees_every_nan_inf_and_huge_value_and_no_half_precision_overflow():
+    ones = torch.ones(100_000, dtype=torch.float16)  # would sum to 1e5 > 65504, the float16 maximum
+    assert within_magnitude(ones) and within_magnitude(ones.bfloat16()) and within_magnitude(torch.arange(5))
+    assert within_magnitude(torch.full((3,), -1e6)) and within_magnitude(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf"), 1.01e6, -2e30):
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             poisoned = torch.zeros(1000, dtype=dtype)
             poisoned[617] = bad
-            assert not all_finite(poisoned), (bad, dtype)
+            assert not within_magnitude(poisoned), (bad, dtype)
 
 
 def test_oversized_wrong_kind_and_wrong_protocol_payloads_are_refused():
@@ -282,9 +289,10 @@ def server(request):
         ParameterBoard(),
         RolloutBoard(),
         SPEC,
-        max_upload_bytes=64 * 1024,
+        max_upload_bytes=options.get("max_upload_bytes", 64 * 1024),
         token=options.get("token"),
         num_actors=options.get("num_actors"),
+        upload_timeout_s=options.get("upload_timeout_s", 600.0),
     )
     grpc_server, port = start_learner_server(transport, servicer)
     transport.port = port
@@ -353,18 +361,40 @@ def test_every_connected_actor_receives_every_version(server):
             receiver.client.close()
 
 
+def every_rpc(client: LearnerClient) -> dict:
+    """One call of each of the learner's four RPCs, as `client`."""
+    return {
+        "Ready": lambda: client.stub.Ready(services_pb2.Empty(), metadata=client.metadata, timeout=10),
+        "StreamParameters": lambda: next(
+            client.stub.StreamParameters(services_pb2.Empty(), metadata=client.metadata, timeout=10)
+        ),
+        "SendTransitions": lambda: client.upload(make_rollout().encode(), timeout=10),
+        "SendInteractions": lambda: client.stub.SendInteractions(
+            send_bytes_in_chunks(b"{}", services_pb2.InteractionMessage), metadata=client.metadata, timeout=10
+        ),
+    }
+
+
 @pytest.mark.parametrize("server", [{"token": "s3cret"}], indirect=True)
-def test_a_token_protected_learner_refuses_actors_without_it(server, monkeypatch):
-    _, transport = server
+def test_a_client_without_the_runs_token_is_refused_on_every_rpc(server, monkeypatch):
+    # Issue 17: any local process could read the parameters and upload rollouts that were trained on.
+    servicer, transport = server
+    servicer.parameters.publish(0, VALID_PARAMETERS)
+    servicer.rollouts.open("run", 0, num_actors=2)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
-    anonymous = LearnerClient(transport, 0)
-    with pytest.raises(grpc.RpcError) as refused:
-        anonymous.stub.Ready(services_pb2.Empty(), metadata=anonymous.metadata, timeout=10)
-    anonymous.close()
-    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    monkeypatch.setenv(TOKEN_ENV, "s3cret")
-    member = LearnerClient(transport, 0)
+    for token in (None, "guess"):
+        stranger = LearnerClient(transport, 0, token=token)
+        calls = every_rpc(stranger)
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (token, name)
+        stranger.close()
+    member = LearnerClient(transport, 1, token="s3cret")
     assert member.ready(timeout=10)
+    member.upload(make_rollout(actor_id=1).encode(), timeout=10)
+    result = servicer.rollouts.wait(straggler_timeout_s=0.01, stop=threading.Event())
+    assert [m.actor_id for m in result.rollouts] == [1]  # none of the strangers' uploads
     member.close()
 
 
@@ -442,7 +472,7 @@ def self_signed_certificate(directory) -> tuple:
 def test_tls_learner_serves_actors_that_trust_its_certificate_only(tmp_path):
     cert, key = self_signed_certificate(tmp_path)
     transport = TransportConfig(port=0, tls_cert=cert, tls_key=key)
-    transport.check()
+    transport.check("learner")
     servicer = LearnerServicer(ParameterBoard(), RolloutBoard(), SPEC, max_upload_bytes=1 << 20)
     grpc_server, port = start_learner_server(transport, servicer)
     try:
@@ -499,7 +529,6 @@ def test_events_are_json_objects_or_refused(server):
     client = LearnerClient(transport, 3)
     assert client.send_event({"event": "hello", "actor_id": 3})
     assert events == [{"event": "hello", "actor_id": 3}]
-    from lerobot.transport.utils import send_bytes_in_chunks
 
     with pytest.raises(grpc.RpcError) as refused:
         client.stub.SendInteractions(
@@ -512,7 +541,7 @@ def test_events_are_json_objects_or_refused(server):
 @pytest.mark.parametrize("server", [{"num_actors": 2}], indirect=True)
 def test_held_parameter_streams_cannot_starve_a_real_actor(server):
     # Issue 17: streams held open by one client used every worker thread (2 x actors + 8 = 12) and a real
-    # actor stalled. Now each actor id holds one stream (the newest) and unknown ids get none.
+    # actor stalled. Now each actor id holds one stream and unknown ids get none.
     servicer, transport = server
     servicer.parameters.publish(0, VALID_PARAMETERS)
     stranger = LearnerClient(transport, 7)
@@ -520,20 +549,113 @@ def test_held_parameter_streams_cannot_starve_a_real_actor(server):
         next(stranger.stream_parameters())
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     hostile = [LearnerClient(transport, 0) for _ in range(12)]  # a connection each, as a raw client can
-    held = [client.stream_parameters() for client in hostile]  # each one served (headers received)
+    held = [
+        client.stub.StreamParameters(services_pb2.Empty(), metadata=client.metadata) for client in hostile
+    ]
+    codes = []
+    for call in held[1:]:
+        with pytest.raises(grpc.RpcError) as refused:
+            next(call)
+        codes.append(refused.value.code())
+    assert codes == [grpc.StatusCode.ALREADY_EXISTS] * 11  # the first one holds actor id 0
     real = LearnerClient(transport, 1)
     receiver = ParameterReceiver(real, max_bytes=1 << 20, max_backoff_s=0.5)
     try:
         receiver.start()
         message = receiver.wait_for_newer(None, timeout=15)
         assert message is not None and message.seed_starts == [10, 20]
-        deadline = time.monotonic() + 10
-        while servicer.open_streams > 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert servicer.open_streams <= 2  # one per actor id
+        assert servicer.open_streams == 2  # one per actor id
     finally:
         receiver.stop()
         for call in held:
             call.cancel()
         for client in (*hostile, stranger, real):
             client.close()
+
+
+@pytest.mark.parametrize("server", [{"num_actors": 2}], indirect=True)
+def test_a_second_actor_with_a_taken_id_exits_and_the_first_keeps_its_stream(server):
+    # Issue 17: a duplicate id was only a warning, and the learner then waited out the straggler timeout.
+    servicer, transport = server
+    servicer.parameters.publish(0, make_parameters(0).encode())
+    first, second = (
+        ParameterReceiver(LearnerClient(transport, 0), max_bytes=1 << 20, max_backoff_s=0.2) for _ in range(2)
+    )
+    try:
+        first.start()
+        assert first.wait_for_newer(None, timeout=10).version == 0
+        second.start()
+        assert second.wait_for_newer(None, timeout=10) is None
+        second.join(10)
+        assert not second.is_alive() and "actor id 0 is already connected" in second.refused
+        servicer.parameters.publish(1, make_parameters(1).encode())
+        assert first.wait_for_newer(("run", 0), timeout=10).version == 1
+        # Once the first actor is gone, a restarted one takes its id.
+        first.stop()
+        first.join(10)
+        restarted = ParameterReceiver(LearnerClient(transport, 0), max_bytes=1 << 20, max_backoff_s=0.2)
+        restarted.start()
+        assert restarted.wait_for_newer(None, timeout=10).version == 1
+        restarted.stop()
+        restarted.client.close()
+    finally:
+        for receiver in (first, second):
+            receiver.stop()
+            receiver.client.close()
+
+
+def stalled_upload(client: LearnerClient, mib: int, release: threading.Event) -> threading.Thread:
+    """Sends `mib` 1 MiB chunks of an upload and then nothing, holding the stream open until `release`."""
+    chunk = b"x" * (1 << 20)
+
+    def chunks():
+        yield services_pb2.Transition(transfer_state=services_pb2.TransferState.TRANSFER_BEGIN, data=chunk)
+        for _ in range(mib - 1):
+            yield services_pb2.Transition(
+                transfer_state=services_pb2.TransferState.TRANSFER_MIDDLE, data=chunk
+            )
+        release.wait()
+
+    def send():
+        with contextlib.suppress(grpc.RpcError):
+            client.stub.SendTransitions(chunks(), metadata=client.metadata, timeout=30)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(
+    "server", [{"num_actors": 2, "upload_timeout_s": 1.5, "max_upload_bytes": 64 << 20}], indirect=True
+)
+def test_an_upload_that_never_finishes_is_dropped_and_its_memory_freed(server):
+    # Issue 17: uploads that never sent their last chunk were held whole and for good (RSS 1.3 -> 4.5 GB).
+    servicer, transport = server
+    servicer.rollouts.open("run", 0, num_actors=2)
+    release, stalling = threading.Event(), LearnerClient(transport, 0)
+    try:
+        thread = stalled_upload(stalling, 16, release)
+        deadline = time.monotonic() + 10
+        while servicer.upload_bytes_in_flight < 16 << 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert servicer.upload_bytes_in_flight == 16 << 20  # every chunk so far, held by the one upload
+        # One upload in flight per actor id; uploads for ids outside the run are refused unread.
+        assert upload(transport, make_rollout().encode(), actor_id=0) == grpc.StatusCode.ABORTED
+        assert (
+            upload(transport, make_rollout(actor_id=5).encode(), actor_id=5)
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+        # Past --transport.upload_timeout_s the stalled upload is dropped and its buffer released.
+        while servicer.upload_bytes_in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert servicer.upload_bytes_in_flight == 0
+        assert upload(transport, make_rollout().encode(), actor_id=0) == grpc.StatusCode.OK
+        # The rollout's actor id must be the one the client connected as.
+        assert (
+            upload(transport, make_rollout(actor_id=0).encode(), actor_id=1)
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+    finally:
+        release.set()
+        thread.join(10)
+        stalling.close()

@@ -42,6 +42,7 @@ from lerobot_pirl.distributed.transport import (
     LearnerClient,
     LearnerRefusedError,
     ParameterReceiver,
+    actor_token,
     refusal_message,
 )
 from lerobot_pirl.runtime.config import ConfigError
@@ -55,7 +56,13 @@ from lerobot_pirl.runtime.factory import (
 
 logger = logging.getLogger(__name__)
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# ABORTED: the learner still holds this actor's previous upload (one that broke off) for a moment.
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+)
 SUPERSEDED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
 
 
@@ -77,7 +84,8 @@ class Actor:
         self.actor_id = cfg.transport.actor_id
         self.device = resolve_device(cfg.device)
         set_seed(cfg.seed)
-        self.client = LearnerClient(cfg.transport, self.actor_id)
+        token = actor_token(cfg.transport, timeout_s=cfg.transport.reconnect_timeout_s)
+        self.client = LearnerClient(cfg.transport, self.actor_id, token=token)
         if cfg.policy is None:
             # The few-shot bootstrap is trained once and cached; on the learner's machine, wait until the
             # learner (which bootstraps before it serves) has made it instead of training a racing copy.

@@ -13,6 +13,7 @@ decisions (PPO) or num_actors × num_envs × episodes_per_env episodes (GRPO).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,19 @@ from lerobot_pirl.runtime.config import ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-# The learner requires this token (gRPC metadata) from every actor when the variable is set; a secret
-# in an environment variable stays out of shell history and `ps`, unlike a flag.
+# The run's shared secret, presented by every actor in gRPC metadata. Given by this variable or by
+# --transport.token_file (a secret in neither shell history nor `ps`); else the learner makes one per run.
 TOKEN_ENV = "LEROBOT_PIRL_TOKEN"
+TOKEN_FILE = "transport_token"  # in the learner's output dir, mode 0600
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -58,6 +68,13 @@ class TransportConfig:
     tls_ca: Path | None = None
     tls: bool = False
     tls_server_name: str | None = None
+    # Serving or reaching a host beyond loopback without TLS exposes the parameters, the token and the
+    # rollouts to the network: refused unless this is set.
+    insecure: bool = False
+    # The run's token. Learner: read it from this file instead of making one (default: $LEROBOT_PIRL_TOKEN,
+    # else <output_dir>/transport_token, made at the first start). Actor: the token to present (the
+    # learner logs the flag to pass); waited for while the learner has not written it yet.
+    token_file: Path | None = None
 
     # Multi-GPU learner (torchrun): how long non-zero ranks may wait for rank 0 (which waits for
     # actors, evaluates and checkpoints) before torch.distributed gives up.
@@ -79,7 +96,8 @@ class TransportConfig:
     def actor_uses_tls(self) -> bool:
         return self.tls or self.tls_ca is not None
 
-    def check(self) -> None:
+    def check(self, role: str) -> None:
+        """Refuse bad values (ConfigError) for the `learner` or an `actor` before anything starts."""
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--transport.port must be in 0..65535, got {self.port}")
         if self.num_actors < 1:
@@ -97,6 +115,17 @@ class TransportConfig:
                 raise ConfigError(f"--transport.{name} must be > 0")
         if min(self.max_upload_mb, self.max_parameters_mb) <= 0:
             raise ConfigError("--transport.max_upload_mb and max_parameters_mb must be > 0")
+        encrypted = self.learner_uses_tls if role == "learner" else self.actor_uses_tls
+        if not (is_loopback(self.host) or encrypted or self.insecure):
+            tls_flags = (
+                "--transport.tls_cert/--transport.tls_key" if role == "learner" else "--transport.tls_ca"
+            )
+            raise ConfigError(
+                f"--transport.host={self.host} is beyond this machine and the link is not encrypted: set "
+                f"{tls_flags}, or --transport.insecure=true on a network you trust"
+            )
+        if role == "learner" and self.token_file is not None and not Path(self.token_file).is_file():
+            raise ConfigError(f"--transport.token_file={self.token_file} is not a file")
 
 
 @dataclass
@@ -105,9 +134,9 @@ class DistributedTrainConfig(TrainConfig):
 
     transport: TransportConfig = field(default_factory=TransportConfig)
 
-    def validate(self) -> None:
+    def validate(self, role: str = "learner") -> None:
         super().validate()
-        self.transport.check()
+        self.transport.check(role)
 
 
 def rollout_signature(cfg: TrainConfig) -> dict[str, object]:

@@ -85,15 +85,18 @@ class ActorServer:
         self.stop_event = threading.Event()
         self.parameters = ParameterBoard()
         self.rollouts = RolloutBoard()
+        token, token_flag = learner_token(self.transport, trainer.output_dir)
         self.servicer = LearnerServicer(
             self.parameters,
             self.rollouts,
             self._rollout_spec(),
             max_upload_bytes=int(self.transport.max_upload_mb * MIB),
-            token=learner_token(),
+            token=token,
             num_actors=self.transport.num_actors,
+            upload_timeout_s=self.transport.upload_timeout_s,
         )
         self.server, self.port = start_learner_server(self.transport, self.servicer)
+        logger.info("actors connect with: --transport.port=%d and the run's token: %s", self.port, token_flag)
 
     def _rollout_spec(self) -> RolloutSpec:
         """What every actor batch must look like: this policy's sizes and one real observation's

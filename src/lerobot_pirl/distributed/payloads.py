@@ -4,7 +4,7 @@ Every payload is one safetensors file in memory; its `__metadata__` holds one JS
 `lerobot_pirl` with the protocol number and the message kind. Decoding never runs code from the
 payload: safetensors reads raw tensor bytes and checks offsets, the JSON is checked field by field,
 and a rollout is checked against what the learner expects (shapes, dtypes, index ranges, finite
-values) before anything else sees it. Every failure is a PayloadError.
+values of sane magnitude) before anything else sees it. Every failure is a PayloadError.
 
 Messages
     parameters (learner -> every actor)   tensors: the trainable parameters of FlowRLPolicy by name
@@ -259,21 +259,27 @@ class RolloutSpec:
             raise PayloadError(MALFORMED, f"{where}: step_index outside [0, {self.num_steps})")
 
 
-def all_finite(tensor: Tensor) -> bool:
-    """No NaN/inf in `tensor`: IEEE arithmetic carries any of them into the sum, which is ~15x faster
-    than `isfinite().all()` on a large rollout. A float32 sum beyond 3e38 also reads as non-finite;
-    such values are refused as well. Half-precision tensors are summed in float32 (65504 overflows)."""
-    if not tensor.is_floating_point():
+# The largest magnitude a rollout value may have (issue 17: a log-prob of -1e38 was trained on). Chains
+# live in the policy's normalised action space, log-probs are means of sums of C x D Gaussian terms,
+# rewards and values are scaled returns: what a working policy produces stays orders of magnitude below.
+MAX_ROLLOUT_MAGNITUDE = 1e6
+
+
+def within_magnitude(tensor: Tensor, limit: float = MAX_ROLLOUT_MAGNITUDE) -> bool:
+    """Every value of `tensor` finite and within [-limit, limit]: one min/max pass, and a NaN anywhere
+    makes the min and max NaN, which fails both comparisons. Integer tensors always pass."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    low_precision = tensor.dtype in (torch.float16, torch.bfloat16)
-    return bool(torch.isfinite(tensor.sum(dtype=torch.float32 if low_precision else None)))
+    low, high = torch.aminmax(tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor)
+    return bool(low >= -limit) and bool(high <= limit)
 
 
 def _check_structure(batch: RolloutBatch, index: int) -> None:
-    """Shapes and dtypes agree with RolloutBatch's contract, indices are in range, floats are finite."""
+    """Shapes and dtypes agree with RolloutBatch's contract, indices are in range, floats are finite and
+    within MAX_ROLLOUT_MAGNITUDE."""
     where = f"batch {index}"
-    if batch.chains.ndim != 5 or not batch.chains.is_floating_point():
-        raise PayloadError(MALFORMED, f"{where}: chains must be a float (T, N, K+1, H, A) tensor")
+    if batch.chains.ndim != 5 or batch.chains.dtype != torch.float32:  # what FlowRLPolicy.sample makes
+        raise PayloadError(MALFORMED, f"{where}: chains must be a float32 (T, N, K+1, H, A) tensor")
     steps, envs = batch.chains.shape[:2]
     if steps < 1 or envs < 1:
         raise PayloadError(MALFORMED, f"{where}: empty rollout")
@@ -291,14 +297,15 @@ def _check_structure(batch: RolloutBatch, index: int) -> None:
         raise PayloadError(MALFORMED, f"{where}: episode_index out of range")
     if bool((batch.episode_lengths < 0).any()):
         raise PayloadError(MALFORMED, f"{where}: negative episode length")
+    outside = f"NaN, inf or a magnitude above {MAX_ROLLOUT_MAGNITUDE:g}"
     for name in ("chains", "logprobs", "values", "rewards", "next_values", "episode_returns"):
-        if not all_finite(getattr(batch, name)):
-            raise PayloadError(MALFORMED, f"{where}: {name} holds NaN or inf")
+        if not within_magnitude(getattr(batch, name)):
+            raise PayloadError(MALFORMED, f"{where}: {name} holds {outside}")
     for key, value in batch.observations.items():
         if value.ndim < 2 or tuple(value.shape[:2]) != (steps, envs):
             raise PayloadError(MALFORMED, f"{where}: observation {key} must start with ({steps}, {envs})")
-        if not all_finite(value):
-            raise PayloadError(MALFORMED, f"{where}: observation {key} holds NaN or inf")
+        if not within_magnitude(value):
+            raise PayloadError(MALFORMED, f"{where}: observation {key} holds {outside}")
     if batch.env_steps < 0:
         raise PayloadError(MALFORMED, f"{where}: negative env_steps")
 

@@ -11,9 +11,14 @@ LeRobot's proto has four RPCs that carry byte blobs cut into 2 MiB chunks (its `
 
 LeRobot's stock servicer (lerobot/rl/learner_service.py) feeds one shared queue, so of N actors only
 one would get each version; ours keeps the latest version on a board that every stream reads.
-gRPC metadata carries what the Empty requests cannot: the actor id and an optional shared token.
-Payloads are `payloads.py` messages (safetensors + JSON); anything malformed, oversized, or for
-another version is refused with a gRPC status and a logged error, and the server keeps serving.
+gRPC metadata carries what the Empty requests cannot: the actor id, the actor process's instance id
+and the run's token. Payloads are `payloads.py` messages (safetensors + JSON); anything malformed,
+oversized, or for another version is refused with a gRPC status and a logged error, and the server
+keeps serving.
+
+What one client can hold (issue 17): every RPC needs the run's token; only the run's actor ids get a
+parameter stream, one each; and each id has at most one upload in flight, dropped when it is not complete
+within --transport.upload_timeout_s. So the learner buffers at most num_actors x max_upload_mb of uploads.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import hmac
 import json
 import logging
 import os
+import secrets
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +45,7 @@ from lerobot.transport.utils import (
     send_bytes_in_chunks,
 )
 
-from lerobot_pirl.distributed.config import TOKEN_ENV, TransportConfig
+from lerobot_pirl.distributed.config import TOKEN_ENV, TOKEN_FILE, TransportConfig, is_loopback
 from lerobot_pirl.distributed.payloads import (
     DUPLICATE,
     MALFORMED,
@@ -55,6 +62,7 @@ from lerobot_pirl.distributed.payloads import (
 logger = logging.getLogger(__name__)
 
 ACTOR_ID_METADATA = "x-lerobot-pirl-actor"
+INSTANCE_METADATA = "x-lerobot-pirl-instance"  # one per actor process: tells a reconnect from a duplicate
 TOKEN_METADATA = "x-lerobot-pirl-token"
 MAX_EVENT_BYTES = 64 * 1024
 STATUS_FOR_REASON = {
@@ -66,8 +74,14 @@ STATUS_FOR_REASON = {
 }
 
 
-def receive_payload(chunks: Iterator, max_bytes: int, shutdown: threading.Event) -> bytes | None:
+def receive_payload(
+    chunks: Iterator,
+    max_bytes: int,
+    shutdown: threading.Event,
+    on_chunk: Callable[[int], None] | None = None,
+) -> bytes | None:
     """One chunked payload from a gRPC stream (LeRobot's receiver), refused once it exceeds max_bytes.
+    `on_chunk(size)` is told each chunk's size as it arrives.
 
     Returns None when the stream ends before a complete payload. Raises PayloadError when the stream
     is oversized or not a valid chunk sequence.
@@ -79,6 +93,8 @@ def receive_payload(chunks: Iterator, max_bytes: int, shutdown: threading.Event)
             received += len(chunk.data)
             if received > max_bytes:
                 raise PayloadError(TOO_LARGE, f"payload exceeds {max_bytes / MIB:.1f} MiB")
+            if on_chunk is not None:
+                on_chunk(len(chunk.data))
             yield chunk
 
     try:
@@ -234,6 +250,7 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         token: str | None = None,
         on_event: Callable[[dict], None] | None = None,
         num_actors: int | None = None,
+        upload_timeout_s: float = 600.0,
     ):
         self.parameters = parameters
         self.rollouts = rollouts
@@ -248,8 +265,13 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         # Parameter streams: ids 0..num_actors-1 only, one stream per id (the newest), so no client can hold
         # the server's worker threads with streams (issue 17: 12 held streams stalled a real actor).
         self.actor_ids = None if num_actors is None else {str(i) for i in range(num_actors)}
-        self._stream_of_actor: dict[str, int] = {}
+        self._stream_of_actor: dict[
+            str, tuple[str, int, grpc.ServicerContext]
+        ] = {}  # (instance, number, call)
         self._streams_opened = 0
+        self.upload_timeout_s = upload_timeout_s
+        self._uploading: set[str] = set()  # actor ids with an upload in flight
+        self.upload_bytes_in_flight = 0  # bytes buffered by uploads in progress (tests read it)
 
     def _authorize(self, context: grpc.ServicerContext) -> dict[str, str]:
         metadata = invocation_metadata(context)
@@ -269,33 +291,52 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         logger.log(level, "refused %s from %s: %s", what, context.peer(), error)
         context.abort(STATUS_FOR_REASON.get(error.reason, grpc.StatusCode.INVALID_ARGUMENT), str(error))
 
+    def _known_actor(self, metadata: dict[str, str], context: grpc.ServicerContext, what: str) -> str:
+        actor = metadata.get(ACTOR_ID_METADATA, "?")
+        if self.actor_ids is not None and actor not in self.actor_ids:
+            logger.error("refused %s from %s: unknown actor id %r", what, context.peer(), actor)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown actor id {actor!r}")
+        return actor
+
     def Ready(self, request, context):  # noqa: N802 (the proto's names)
         self._authorize(context)
         return services_pb2.Empty()
 
     def StreamParameters(self, request, context):  # noqa: N802
         metadata = self._authorize(context)
-        actor = metadata.get(ACTOR_ID_METADATA, "?")
-        if self.actor_ids is not None and actor not in self.actor_ids:
-            logger.error("refused a parameter stream from %s: unknown actor id %r", context.peer(), actor)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown actor id {actor!r}")
-        context.send_initial_metadata(())  # lets the actor know at once that it is connected
+        actor = self._known_actor(metadata, context, "a parameter stream")
+        instance = metadata.get(INSTANCE_METADATA, "")
         with self._streams_lock:
-            self.open_streams += 1
-            self._streams_opened += 1
-            stream = self._streams_opened
-            replaced = actor in self._stream_of_actor
-            self._stream_of_actor[actor] = stream
+            holder = self._stream_of_actor.get(actor)
+            duplicate = holder is not None and holder[0] != instance and holder[2].is_active()
+            if not duplicate:
+                self.open_streams += 1
+                self._streams_opened += 1
+                stream = self._streams_opened
+                self._stream_of_actor[actor] = (instance, stream, context)
+        if duplicate:
+            # Two processes with one --transport.actor_id would collect the same episodes (issue 17).
+            logger.error(
+                "refused actor %s from %s: that actor id is connected already", actor, context.peer()
+            )
+            context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"actor id {actor} is already connected (from {holder[2].peer()}); give each actor its own "
+                "--transport.actor_id",
+            )
+        context.send_initial_metadata(())  # lets the actor know at once that it is connected
         logger.info(
             "actor %s connected from %s%s",
             actor,
             context.peer(),
-            " (its earlier stream is closed)" if replaced else "",
+            " (its earlier stream is closed)" if holder is not None else "",
         )
         try:
             sent_version = None
             while (
-                context.is_active() and not self.stopping.is_set() and self._stream_of_actor[actor] == stream
+                context.is_active()
+                and not self.stopping.is_set()
+                and self._stream_of_actor[actor][1] == stream
             ):
                 published = self.parameters.wait_for_newer(sent_version, timeout=0.5)
                 if published is None:
@@ -307,25 +348,46 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         finally:
             with self._streams_lock:
                 self.open_streams -= 1
-                if self._stream_of_actor.get(actor) == stream:
+                if self._stream_of_actor.get(actor, (None, None))[1] == stream:
                     del self._stream_of_actor[actor]
             logger.info("actor %s stream closed", actor)
 
     def SendTransitions(self, request_iterator, context):  # noqa: N802
-        self._authorize(context)
+        actor = self._known_actor(self._authorize(context), context, "an upload")
+        with self._streams_lock:
+            busy = actor in self._uploading
+            self._uploading.add(actor)
+        if busy:
+            logger.warning("refused an upload from %s: actor %s has one in flight", context.peer(), actor)
+            context.abort(grpc.StatusCode.ABORTED, f"actor {actor} has an upload in flight; retry after it")
+        # A client that stops sending would hold its buffer and a worker thread for good: drop the upload
+        # when it is not complete in time (the actor's own deadline for it is the same).
+        watchdog = threading.Timer(self.upload_timeout_s, context.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        received = [0]
         try:
-            data = receive_payload(request_iterator, self.max_upload_bytes, self.stopping)
+            data = receive_payload(
+                request_iterator, self.max_upload_bytes, self.stopping, self._counted(received)
+            )
             if data is None:
                 raise PayloadError(MALFORMED, "the upload ended before its last chunk")
             started = time.perf_counter()
             message = RolloutMessage.decode(data, self.max_upload_bytes, self.spec)
+            if self.actor_ids is not None and str(message.actor_id) != actor:
+                raise PayloadError(MALFORMED, f"actor {actor} sent a rollout of actor {message.actor_id}")
             self.rollouts.submit(message)
         except PayloadError as error:
             self._refuse(context, "a rollout", error)
             return services_pb2.Empty()  # not reached: abort raised
-        except grpc.RpcError:  # the actor went away mid-upload (killed, network)
-            logger.warning("an upload from %s broke off", context.peer())
+        except grpc.RpcError:  # the actor went away mid-upload (killed, network), or the watchdog fired
+            logger.warning("an upload from %s broke off after %.1f MiB", context.peer(), received[0] / MIB)
             return services_pb2.Empty()
+        finally:
+            watchdog.cancel()
+            with self._streams_lock:
+                self._uploading.discard(actor)
+                self.upload_bytes_in_flight -= received[0]
         logger.info(
             "rollout of actor %d for version %d: %d env steps, %.1f MiB (decoded in %.2f s)",
             message.actor_id,
@@ -335,6 +397,16 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
             time.perf_counter() - started,
         )
         return services_pb2.Empty()
+
+    def _counted(self, received: list[int]) -> Callable[[int], None]:
+        """Adds each chunk's size to `received[0]` and to the learner's bytes in flight."""
+
+        def count(size: int) -> None:
+            with self._streams_lock:
+                received[0] += size
+                self.upload_bytes_in_flight += size
+
+        return count
 
     def SendInteractions(self, request_iterator, context):  # noqa: N802
         self._authorize(context)
@@ -361,8 +433,41 @@ def _read(path: Path | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
 
-def learner_token() -> str | None:
-    return os.environ.get(TOKEN_ENV) or None
+def learner_token(transport: TransportConfig, output_dir: Path) -> tuple[str, str]:
+    """The run's token and the flag that gives it to actors: $LEROBOT_PIRL_TOKEN, --transport.token_file,
+    or <output_dir>/transport_token, made (mode 0600) at the run's first start and kept for its resumes."""
+    from lerobot_pirl.runtime.config import ConfigError
+
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV], f"${TOKEN_ENV} (as set for the learner)"
+    path = Path(transport.token_file) if transport.token_file is not None else Path(output_dir) / TOKEN_FILE
+    if transport.token_file is None and not path.exists():
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        os.replace(staging, path)
+    token = path.read_text().strip()
+    if not token:
+        raise ConfigError(f"the token file {path} is empty")
+    return token, f"--transport.token_file={path.resolve()}"
+
+
+def actor_token(transport: TransportConfig, timeout_s: float) -> str | None:
+    """The token this actor presents: $LEROBOT_PIRL_TOKEN, else --transport.token_file, waited for while
+    the learner (which writes it once its policy is loaded) has not made it yet."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    if transport.token_file is None:
+        return None
+    path, deadline = Path(transport.token_file), time.monotonic() + timeout_s
+    if not path.exists():
+        logger.info("waiting for the learner's token file %s", path)
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise LearnerRefusedError(f"--transport.token_file={path} did not appear in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    return path.read_text().strip()
 
 
 def start_learner_server(transport: TransportConfig, servicer: LearnerServicer) -> tuple[grpc.Server, int]:
@@ -378,6 +483,10 @@ def start_learner_server(transport: TransportConfig, servicer: LearnerServicer) 
         ("grpc.keepalive_permit_without_calls", 1),  # actors ping to notice a dead learner
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
         ("grpc.http2.max_ping_strikes", 0),
+        # The learner pings too: the stream of an actor whose machine vanished ends within ~30 s, and a
+        # restarted actor with its id is then not taken for a duplicate.
+        ("grpc.keepalive_time_ms", 20000),
+        ("grpc.keepalive_timeout_ms", 10000),
     ]
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="learner-rpc"), options=options
@@ -394,12 +503,11 @@ def start_learner_server(transport: TransportConfig, servicer: LearnerServicer) 
     server.start()
     scheme = "TLS" if transport.learner_uses_tls else "plaintext"
     logger.info("learner serving LearnerService on %s:%d (%s)", transport.host, bound, scheme)
-    if transport.host not in ("127.0.0.1", "localhost", "::1") and not transport.learner_uses_tls:
+    if not is_loopback(transport.host) and not transport.learner_uses_tls:  # --transport.insecure=true
         logger.warning(
-            "listening on %s without TLS: anyone who reaches this port can read the parameters and send "
-            "rollouts; set --transport.tls_cert/--transport.tls_key (and $%s)",
+            "listening on %s without TLS (--transport.insecure): the parameters, the token and the rollouts "
+            "cross the network in the clear",
             transport.host,
-            TOKEN_ENV,
         )
     return server, bound
 
@@ -408,21 +516,29 @@ def start_learner_server(transport: TransportConfig, servicer: LearnerServicer) 
 
 
 REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+# A parameter stream refused for good: an actor id outside the run's, or one another actor holds.
+STREAM_REFUSED = (*REFUSED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS)
 
 
 class LearnerRefusedError(RuntimeError):
-    """The learner refused this actor (wrong or missing token): retrying cannot help."""
+    """The learner refused this actor (wrong token, unknown or duplicate actor id): retrying cannot help."""
 
 
 def refusal_message(error: grpc.RpcError) -> str:
     """The one line an actor ends with when the learner refuses it."""
-    return f"the learner refused this actor: wrong token ({error.details()}; use the learner's ${TOKEN_ENV})"
+    if error.code() not in REFUSED:
+        return f"the learner refused this actor: {error.details()}"
+    return (
+        f"the learner refused this actor: wrong token ({error.details()}); pass the "
+        f"--transport.token_file=<learner output_dir>/{TOKEN_FILE} the learner logged, or set ${TOKEN_ENV}"
+    )
 
 
 class LearnerClient:
     """An actor's channel to the learner: the parameter stream, uploads, events."""
 
-    def __init__(self, transport: TransportConfig, actor_id: int):
+    def __init__(self, transport: TransportConfig, actor_id: int, token: str | None = None):
+        """`token`: the run's token (default: $LEROBOT_PIRL_TOKEN)."""
         backoff_ms = int(1000 * transport.reconnect_max_backoff_s)
         options = [
             *grpc_channel_options(),
@@ -440,8 +556,8 @@ class LearnerClient:
         else:
             self.channel = grpc.insecure_channel(transport.address, options=options)
         self.stub = services_pb2_grpc.LearnerServiceStub(self.channel)
-        self.metadata = [(ACTOR_ID_METADATA, str(actor_id))]
-        token = os.environ.get(TOKEN_ENV)
+        self.metadata = [(ACTOR_ID_METADATA, str(actor_id)), (INSTANCE_METADATA, uuid.uuid4().hex)]
+        token = token if token is not None else os.environ.get(TOKEN_ENV)
         if token:
             self.metadata.append((TOKEN_METADATA, token))
         # Reachability from our own calls' outcomes (gRPC's connectivity watcher thread errors out
@@ -557,7 +673,7 @@ class ParameterReceiver(threading.Thread):
             except grpc.RpcError as error:
                 if self._stop_event.is_set():
                     return
-                if error.code() in REFUSED:  # issue 17: a wrong token used to be retried forever
+                if error.code() in STREAM_REFUSED:  # issue 17: these used to be retried forever
                     with self._condition:
                         self.refused = refusal_message(error)
                         self._condition.notify_all()

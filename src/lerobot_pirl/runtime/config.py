@@ -47,8 +47,10 @@ RESUME_CHANGEABLE = (
     "rollout.num_workers",
     "eval.num_workers",
     "wandb.",
-    # the learner's address, TLS files and timeouts (not its number of actors)
+    # the learner's address, TLS files, token and timeouts (not its number of actors)
     "transport.host",
+    "transport.insecure",
+    "transport.token_file",
     "transport.port",
     "transport.tls",
     "transport.straggler_timeout_s",

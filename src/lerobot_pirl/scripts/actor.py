@@ -21,7 +21,7 @@ def act(cfg: DistributedTrainConfig):
     """Build and run the actor; returns its ActorResult. Raises ConfigError on bad input."""
     from lerobot_pirl.distributed.actor import Actor
 
-    cfg.validate()
+    cfg.validate(role="actor")
     return Actor(cfg).run()
 
 
