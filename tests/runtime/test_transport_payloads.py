@@ -4,6 +4,7 @@ Everything here runs in one process on a free localhost port; no env or policy i
 """
 
 import contextlib
+import gc
 import json
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 
 import grpc
+import psutil
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -626,19 +628,22 @@ def stalled_upload(client: LearnerClient, mib: int, release: threading.Event) ->
 
 
 @pytest.mark.parametrize(
-    "server", [{"num_actors": 2, "upload_timeout_s": 1.5, "max_upload_bytes": 64 << 20}], indirect=True
+    "server", [{"num_actors": 2, "upload_timeout_s": 1.5, "max_upload_bytes": 256 << 20}], indirect=True
 )
 def test_an_upload_that_never_finishes_is_dropped_and_its_memory_freed(server):
     # Issue 17: uploads that never sent their last chunk were held whole and for good (RSS 1.3 -> 4.5 GB).
     servicer, transport = server
     servicer.rollouts.open("run", 0, num_actors=2)
     release, stalling = threading.Event(), LearnerClient(transport, 0)
+    rss = psutil.Process().memory_info
+    gc.disable()  # the buffer must go when the upload is dropped, not at some later collection
     try:
-        thread = stalled_upload(stalling, 16, release)
-        deadline = time.monotonic() + 10
-        while servicer.upload_bytes_in_flight < 16 << 20 and time.monotonic() < deadline:
+        thread = stalled_upload(stalling, 96, release)
+        deadline = time.monotonic() + 20
+        while servicer.upload_bytes_in_flight < 96 << 20 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert servicer.upload_bytes_in_flight == 16 << 20  # every chunk so far, held by the one upload
+        assert servicer.upload_bytes_in_flight == 96 << 20  # every chunk so far, held by the one upload
+        held_rss = rss().rss
         # One upload in flight per actor id; uploads for ids outside the run are refused unread.
         assert upload(transport, make_rollout().encode(), actor_id=0) == grpc.StatusCode.ABORTED
         assert (
@@ -649,6 +654,8 @@ def test_an_upload_that_never_finishes_is_dropped_and_its_memory_freed(server):
         while servicer.upload_bytes_in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert servicer.upload_bytes_in_flight == 0
+        time.sleep(0.5)
+        assert held_rss - rss().rss > 64 << 20
         assert upload(transport, make_rollout().encode(), actor_id=0) == grpc.StatusCode.OK
         # The rollout's actor id must be the one the client connected as.
         assert (
@@ -656,6 +663,7 @@ def test_an_upload_that_never_finishes_is_dropped_and_its_memory_freed(server):
             == grpc.StatusCode.INVALID_ARGUMENT
         )
     finally:
+        gc.enable()
         release.set()
         thread.join(10)
         stalling.close()
