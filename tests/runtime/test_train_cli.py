@@ -826,6 +826,13 @@ def test_resume_continues_the_saved_run_and_refuses_a_changed_setting(
     assert [row["iteration"] for row in rows] == [0, 1, 2, 3]
     assert rows[3]["env_steps"] - rows[2]["env_steps"] == 2 * 3 * 4  # 2 envs x 3 decisions x C = 4
 
+    # LeRobot's form: the checkpoint's own train_config.json as --config_path.
+    saved_config = out / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
+    assert run_main(monkeypatch, [f"--config_path={saved_config}", "--resume=true", "--iterations=4"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [0, 1, 2, 3, 4]
+    assert json.loads((out / "train_config.json").read_text())["rollout"] == saved["rollout"]
+
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
     monkeypatch, capsys, tmp_path, policy_dir

@@ -34,7 +34,8 @@ class PPO(Algorithm):
     def collect(
         self, collector: ChunkCollector, rollout: RolloutShape, group_reset: GroupResetHook
     ) -> list[RolloutBatch]:
-        """T = decisions_per_env decisions per env; episodes carry over between iterations."""
+        """T = decisions_per_env decisions per env; episodes carry over between iterations (up to a
+        checkpoint, where the trainer restarts them)."""
         collector.policy.eval()
         return [collector.collect(rollout.decisions_per_env, self.cfg.exploration)]
 
