@@ -126,7 +126,8 @@ def main() -> None:
         servicer.stopping.set()
         server.stop(grace=None)
 
-    header = f"{'round':>5} {'RSS before':>11} {'peak':>9} {'after drop':>11} {'buffered':>9} {'at':>7} {'dropped at':>11}"
+    columns = (("round", 5), ("RSS before", 11), ("peak", 9), ("after drop", 11), ("buffered", 9), ("at", 7))
+    header = " ".join(f"{name:>{width}}" for name, width in (*columns, ("dropped at", 11)))
     print(f"{args.clients} clients x {args.mib} MiB never finished, upload timeout {args.timeout_s:.0f} s")
     print(header)
     for row in rows:
