@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 from lerobot.transport import services_pb2, services_pb2_grpc
@@ -242,6 +243,14 @@ class RolloutBoard:
             )
 
 
+class HeldStream(NamedTuple):
+    """The parameter stream an actor id holds: which actor process, which stream, its call."""
+
+    instance: str
+    number: int
+    context: grpc.ServicerContext
+
+
 class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
     """Our servicer of LeRobot's LearnerService proto: broadcast parameters, validate rollouts."""
 
@@ -266,12 +275,11 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         self.rejected = 0  # payloads refused so far (tests and logs read it)
         self._streams_lock = threading.Lock()
         self.open_streams = 0
-        # Parameter streams: ids 0..num_actors-1 only, one stream per id (the newest), so no client can hold
-        # the server's worker threads with streams (issue 17: 12 held streams stalled a real actor).
+        # Parameter streams: ids 0..num_actors-1 only, one stream per id, so no client can hold the server's
+        # worker threads with streams (issue 17: 12 held streams stalled a real actor). A reconnect of the
+        # same actor process replaces its stream; another process with a held id is refused.
         self.actor_ids = None if num_actors is None else {str(i) for i in range(num_actors)}
-        self._stream_of_actor: dict[
-            str, tuple[str, int, grpc.ServicerContext]
-        ] = {}  # (instance, number, call)
+        self._stream_of_actor: dict[str, HeldStream] = {}
         self._streams_opened = 0
         self.upload_timeout_s = upload_timeout_s
         self._uploading: set[str] = set()  # actor ids with an upload in flight
@@ -312,12 +320,12 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         instance = metadata.get(INSTANCE_METADATA, "")
         with self._streams_lock:
             holder = self._stream_of_actor.get(actor)
-            duplicate = holder is not None and holder[0] != instance and holder[2].is_active()
+            duplicate = holder is not None and holder.instance != instance and holder.context.is_active()
             if not duplicate:
                 self.open_streams += 1
                 self._streams_opened += 1
                 stream = self._streams_opened
-                self._stream_of_actor[actor] = (instance, stream, context)
+                self._stream_of_actor[actor] = HeldStream(instance, stream, context)
         if duplicate:
             # Two processes with one --transport.actor_id would collect the same episodes (issue 17).
             logger.error(
@@ -325,8 +333,8 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
             )
             context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"actor id {actor} is already connected (from {holder[2].peer()}); give each actor its own "
-                "--transport.actor_id",
+                f"actor id {actor} is already connected (from {holder.context.peer()}); give each actor "
+                "its own --transport.actor_id",
             )
         context.send_initial_metadata(())  # lets the actor know at once that it is connected
         logger.info(
@@ -340,7 +348,7 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
             while (
                 context.is_active()
                 and not self.stopping.is_set()
-                and self._stream_of_actor[actor][1] == stream
+                and self._stream_of_actor[actor].number == stream
             ):
                 published = self.parameters.wait_for_newer(sent_version, timeout=0.5)
                 if published is None:
@@ -352,7 +360,7 @@ class LearnerServicer(services_pb2_grpc.LearnerServiceServicer):
         finally:
             with self._streams_lock:
                 self.open_streams -= 1
-                if self._stream_of_actor.get(actor, (None, None))[1] == stream:
+                if actor in self._stream_of_actor and self._stream_of_actor[actor].number == stream:
                     del self._stream_of_actor[actor]
             logger.info("actor %s stream closed", actor)
 
