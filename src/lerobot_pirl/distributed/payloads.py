@@ -270,8 +270,9 @@ def within_magnitude(tensor: Tensor, limit: float = MAX_ROLLOUT_MAGNITUDE) -> bo
     makes the min and max NaN, which fails both comparisons. Integer tensors always pass."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor)
-    return bool(low >= -limit) and bool(high <= limit)
+    low, high = torch.aminmax(tensor)
+    # Compared in float32: as a float16 scalar, the limit 1e6 would itself round to inf.
+    return bool(low.float() >= -limit) and bool(high.float() <= limit)
 
 
 def _check_structure(batch: RolloutBatch, index: int) -> None:
