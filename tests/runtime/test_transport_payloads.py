@@ -551,9 +551,13 @@ def test_held_parameter_streams_cannot_starve_a_real_actor(server):
         next(stranger.stream_parameters())
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     hostile = [LearnerClient(transport, 0) for _ in range(12)]  # a connection each, as a raw client can
-    held = [
-        client.stub.StreamParameters(services_pb2.Empty(), metadata=client.metadata) for client in hostile
-    ]
+
+    def open_stream(client):
+        return client.stub.StreamParameters(services_pb2.Empty(), metadata=client.metadata)
+
+    held = [open_stream(hostile[0])]
+    next(held[0])  # served: it holds actor id 0 before the others ask (the server takes calls in any order)
+    held += [open_stream(client) for client in hostile[1:]]
     codes = []
     for call in held[1:]:
         with pytest.raises(grpc.RpcError) as refused:
