@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch.distributions import Normal
@@ -150,3 +152,55 @@ def test_bad_options_are_refused():
         PPOConfig(noise_std_min=0.2, noise_std_max=0.1)
     with pytest.raises(ValueError):
         make_policy("flow_sde").sample(observations(), "flow_noise")
+
+
+def _randomised_value_head(policy: FlowRLPolicy) -> FlowRLPolicy:
+    with torch.no_grad():
+        for p in policy.value_head.parameters():  # the last layer starts at zero: V = 0 everywhere
+            p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    return policy
+
+
+@pytest.mark.parametrize("exploration", ["flow_sde", "flow_noise"])
+def test_expert_feature_critic_is_the_mean_value_over_the_denoising_steps(exploration):
+    """The reference's π0 critic: V = mean over the K steps of the value of the pooled expert states at
+    rollout (and for a bootstrap value); at update, of the steps recomputed (k* for Flow-SDE, all K for
+    Flow-Noise)."""
+    policy = _randomised_value_head(make_policy(exploration, value_features="expert"))
+    noise = torch.randn(BATCH, 4, 3, generator=torch.Generator().manual_seed(3))
+    sample = policy.sample(
+        observations(), exploration, noise=noise, generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        context = policy.adapter.encode(observations())
+        grid = time_grid(4)
+
+        def step_value(k: int, x_k: torch.Tensor) -> torch.Tensor:
+            _, hidden = policy.adapter.velocity(context, x_k, grid[k].expand(BATCH))
+            return policy.value_head(hidden.mean(1)).squeeze(-1)  # (B,)
+
+        by_step = torch.stack([step_value(k, sample.chain[:, k]) for k in range(4)], 1)  # (B, K)
+    assert torch.allclose(sample.value, by_step.mean(1), atol=1e-6)
+    assert by_step.std(1).min() > 1e-4  # the steps do differ: a mean, not one step's value
+
+    evaluation = policy.evaluate(observations(), sample.chain, sample.step_index)
+    if exploration == "flow_sde":
+        expected = by_step[torch.arange(BATCH), sample.step_index]
+    else:
+        expected = by_step.mean(1)
+    assert torch.allclose(evaluation.value, expected, atol=1e-6)
+
+    # The bootstrap value runs the deterministic chain from the noise it is given, as an ODE rollout.
+    ode = policy.sample(observations(), "ode", noise=noise)
+    assert torch.allclose(policy.value(observations(), noise=noise), ode.value, atol=1e-6)
+
+
+def test_flow_noise_entropy_is_per_element_mean_over_the_chain_terms_in_closed_form():
+    # The noise head's zero last layer gives every element the std sqrt(min·max), the geometric middle.
+    policy = make_policy("flow_noise", noise_std_min=0.08, noise_std_max=0.16)
+    sample = policy.sample(observations(), "flow_noise")
+    evaluation = policy.evaluate(observations(), sample.chain, sample.step_index)
+    half_log_2pi_e = 0.5 * math.log(2 * math.pi * math.e)
+    # mean over the K + 1 = 5 terms: the prior N(0, 1), then K = 4 transitions of std sqrt(0.08 · 0.16)
+    expected = half_log_2pi_e + 4 / 5 * math.log(math.sqrt(0.08 * 0.16))
+    assert torch.allclose(evaluation.entropy, torch.full((BATCH,), expected), atol=1e-6)

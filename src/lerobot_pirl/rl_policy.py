@@ -26,6 +26,7 @@ from lerobot_pirl.adapters.base import FlowAdapter, FlowContext
 from lerobot_pirl.exploration import (
     bounded_noise_std,
     executed_mask,
+    flow_noise_chain_entropy,
     flow_noise_chain_log_prob,
     gaussian_entropy,
     gaussian_log_prob,
@@ -51,9 +52,12 @@ class PolicySample:
 @dataclass
 class PolicyEvaluation:
     logprob: Tensor  # (B,) float32, grad-enabled
-    entropy: Tensor  # (B,) float32 entropy of the stochastic transition(s) over executed elements
+    entropy: Tensor  # (B,) float32 entropy per executed element, the mean over the chain's terms
     value: Tensor  # (B,) float32, grad-enabled (zeros without a value head)
     noise_std: Tensor  # (B,) mean std of the stochastic transition(s) over executed elements
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 def _mlp(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
@@ -78,8 +82,9 @@ class FlowRLPolicy(nn.Module):
         noise_head_hidden: hidden widths of the Flow-Noise head (reference 128, 64, tanh).
         n_action_steps: C, actions executed per decision; None = the policy config's.
         value_head_hidden: hidden widths of the critic MLP; None = no critic (GRPO).
-        value_features: "prefix" (pooled observation features, the default) or "expert" (pooled expert
-            hidden states of the first denoising step).
+        value_head_activation: "relu", "gelu" or "tanh", between the critic's layers.
+        value_features: "prefix" (pooled observation features) or "expert" (pooled expert hidden states:
+            V is the mean of the values of the K denoising steps at rollout, as the reference's π0 critic).
         detach_value_input: stop critic gradients at its input so the critic does not move the trunk.
         freeze_trunk, freeze_expert: exclude those adapter parameters from training.
     """
@@ -96,6 +101,7 @@ class FlowRLPolicy(nn.Module):
         value_head_hidden: tuple[int, ...] | None,
         value_features: str,
         detach_value_input: bool,
+        value_head_activation: str = "gelu",
         noise_head_hidden: tuple[int, ...] = (128, 64),
         freeze_trunk: bool = False,
         freeze_expert: bool = False,
@@ -130,7 +136,7 @@ class FlowRLPolicy(nn.Module):
         self.value_head: nn.Module | None = None
         if value_head_hidden is not None:
             in_dim = sizes.pooled_dim if value_features == "prefix" else sizes.hidden_dim
-            self.value_head = _mlp([in_dim, *value_head_hidden, 1], nn.GELU)
+            self.value_head = _mlp([in_dim, *value_head_hidden, 1], ACTIVATIONS[value_head_activation])
             nn.init.zeros_(self.value_head[-1].weight)
             nn.init.zeros_(self.value_head[-1].bias)
 
@@ -182,19 +188,14 @@ class FlowRLPolicy(nn.Module):
             features = features.detach()
         return self.value_head(features.float()).squeeze(-1)
 
-    def _expert_features(self, context: FlowContext, x_0: Tensor) -> Tensor:
-        """Pooled expert hidden states of the first denoising step, (B, W)."""
-        t = self.grid[0].expand(x_0.shape[0])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_value_input):
-            _, hidden = self.adapter.velocity(context, x_0, t)
-        return hidden.mean(1)
-
-    def _value(self, context: FlowContext, x_0: Tensor) -> Tensor:
+    def _value(self, context: FlowContext, step_hidden: list[Tensor]) -> Tensor:
+        """V(o), (B,): of the pooled prefix features, or the mean over `step_hidden` (each (B, H, W), the
+        expert hidden states of the denoising steps run) of the value of their pooled expert features."""
         if self.value_head is None:
-            return torch.zeros(x_0.shape[0], device=x_0.device)
+            return torch.zeros(context.pooled.shape[0], device=context.pooled.device)
         if self.value_features == "prefix":
             return self._value_from(context.pooled)
-        return self._value_from(self._expert_features(context, x_0))
+        return torch.stack([self._value_from(hidden.mean(1)) for hidden in step_hidden]).mean(0)
 
     # ---- public API -------------------------------------------------------------------------------
 
@@ -236,10 +237,11 @@ class FlowRLPolicy(nn.Module):
         logprob = torch.zeros(batch_size, device=device)  # (B,)
         if mode == "flow_sde":
             step_index = sample_stochastic_step(batch_size, self.num_steps, device, generator)
-        means, stds = [], []
+        means, stds, step_hidden = [], [], []
         for k in range(self.num_steps):
             t = self.grid[k].expand(batch_size)  # (B,)
             velocity, hidden = self.adapter.velocity(context, x, t)
+            step_hidden.append(hidden)
             ode_next = ode_step(x, velocity, self.delta)
             if mode == "ode":
                 x = ode_next
@@ -263,14 +265,17 @@ class FlowRLPolicy(nn.Module):
                 chain_t, torch.stack(means, 1), torch.stack(stds, 1), self.action_mask
             )
         actions = x[:, : self.n_action_steps, : sizes.real_action_dim]  # (B, C, D)
-        value = self._value(context, chain_t[:, 0])
+        value = self._value(context, step_hidden)
         return PolicySample(actions, chain_t, step_index, logprob, value)
 
     def evaluate(self, batch: dict[str, Tensor], chain: Tensor, step_index: Tensor) -> PolicyEvaluation:
         """Grad-enabled log-prob, entropy and value of stored chains under the current parameters.
 
         chain: (B, K+1, H, A) from `sample`; step_index: (B,) its k*. Flow-SDE recomputes only
-        the transition k* -> k*+1 (one expert pass per sample); Flow-Noise recomputes all K.
+        the transition k* -> k*+1 (one expert pass per sample); Flow-Noise recomputes all K. An expert-
+        feature critic reads the steps recomputed (the reference's: step k* for Flow-SDE, all K for
+        Flow-Noise). The entropy is per executed element (the reference's normalisation): Flow-SDE's of
+        its one transition, Flow-Noise's the mean over the K+1 chain terms, the prior N(0, I) included.
         """
         context = self.adapter.encode(batch)
         batch_size = chain.shape[0]
@@ -280,33 +285,43 @@ class FlowRLPolicy(nn.Module):
             x_k = chain[rows, step_index]  # (B, H, A)
             x_next = chain[rows, step_index + 1]  # (B, H, A)
             t = self.grid[step_index]  # (B,)
-            velocity, _ = self.adapter.velocity(context, x_k, t)
+            velocity, hidden = self.adapter.velocity(context, x_k, t)
+            step_hidden = [hidden]
             mean, std = sde_step(x_k, velocity, t, self.delta, self.noise_level)
             logprob = gaussian_log_prob(x_next, mean, std, self.action_mask)
             entropy = gaussian_entropy(std, self.action_mask)
             noise_std = std.view(-1)
         else:
-            means, stds = [], []
+            means, stds, step_hidden = [], [], []
             for k in range(self.num_steps):
                 t = self.grid[k].expand(batch_size)
                 velocity, hidden = self.adapter.velocity(context, chain[:, k], t)
+                step_hidden.append(hidden)
                 means.append(ode_step(chain[:, k], velocity, self.delta))
                 stds.append(self._noise_std(hidden))
             means_t, stds_t = torch.stack(means, 1), torch.stack(stds, 1)  # (B, K, H, A)
             logprob = flow_noise_chain_log_prob(chain, means_t, stds_t, self.action_mask)
-            entropy = torch.stack([gaussian_entropy(s, self.action_mask) for s in stds], 1).mean(1)
+            entropy = flow_noise_chain_entropy(stds_t, self.action_mask)
             noise_std = (stds_t * self.action_mask).flatten(2).sum(-1).mean(1) / self.action_mask.sum()
-        value = self._value(context, chain[:, 0])
+        value = self._value(context, step_hidden)
         return PolicyEvaluation(logprob, entropy, value, noise_std)
 
     @torch.no_grad()
     def value(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
-        """V(o), (B,): the bootstrap value of an observation (e.g. the final one of a truncated episode)."""
+        """V(o), (B,): the bootstrap value of an observation (e.g. the final one of a truncated episode).
+
+        An expert-feature critic runs the deterministic chain from `noise` (drawn when None) and averages
+        its K steps' values, as at rollout; a prefix-feature critic reads the observation only."""
         context = self.adapter.encode(batch)
+        if self.value_head is None or self.value_features == "prefix":
+            return self._value(context, [])
         sizes = self.adapter.sizes
         shape = (context.pooled.shape[0], sizes.chunk_size, sizes.action_dim)
-        if noise is None and self.value_features == "expert":
-            noise = torch.randn(shape, device=context.pooled.device)
-        return self._value(
-            context, noise if noise is not None else torch.zeros(shape, device=context.pooled.device)
-        )
+        x = noise.to(context.pooled.device).float() if noise is not None else torch.randn(shape)
+        x = x.to(context.pooled.device)  # (B, H, A)
+        step_hidden = []
+        for k in range(self.num_steps):
+            velocity, hidden = self.adapter.velocity(context, x, self.grid[k].expand(shape[0]))
+            step_hidden.append(hidden)
+            x = ode_step(x, velocity, self.delta)
+        return self._value(context, step_hidden)

@@ -48,8 +48,9 @@ def test_gae_with_lambda_one_is_the_discounted_return_minus_value():
 def test_group_relative_advantages_by_hand_and_equal_groups_are_dropped():
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0])
     advantages, keep = group_relative_advantages(scores, group_size=3, eps=0.0)
-    # group 0: mean 1/3, population std sqrt(2/9)
-    std = (2 / 9) ** 0.5
+    # group 0: mean 1/3, squared deviations 4/9 + 1/9 + 1/9 = 2/3; Bessel-corrected std sqrt((2/3) / 2)
+    # (the reference's torch.std), 1.07x... here 1.22x the population std sqrt(2/9) at G = 3
+    std = ((2 / 3) / 2) ** 0.5
     expected0 = torch.tensor([2 / 3, -1 / 3, -1 / 3]) / std
     assert torch.allclose(advantages[:3], expected0, atol=1e-6)
     assert keep.tolist() == [True, True, True, False, False, False, True, True, True]

@@ -108,7 +108,7 @@ def test_config_parses_into_the_reference_recipe(decode, path):
     alg = cfg.algorithm
     assert (alg.actor_lr, alg.critic_lr, alg.weight_decay, alg.max_grad_norm) == (5e-6, 1e-4, 0.01, 1.0)
     assert (alg.adam_beta1, alg.adam_beta2, alg.adam_eps) == (0.9, 0.95, 1e-8)
-    assert (alg.clip_ratio, alg.gamma, alg.gae_lambda, alg.normalize_advantages) == (0.2, 0.99, 0.95, True)
+    assert (alg.clip_ratio, alg.gamma, alg.gae_lambda) == (0.2, 0.99, 0.95)
     assert alg.target_kl is None  # the reference has no KL guard
     rollout_epochs, envs = (4, 16) if one_gpu else (8, 64)
     assert cfg.rollout.num_envs == envs
@@ -117,10 +117,16 @@ def test_config_parses_into_the_reference_recipe(decode, path):
         assert isinstance(alg, GRPOConfig) and alg.exploration == "flow_sde" and alg.noise_level == 0.5
         assert alg.group_size == 8 and cfg.rollout.num_envs % alg.group_size == 0
         assert cfg.rollout.episodes_per_env == rollout_epochs and alg.update_epochs == 4
+        # Â standardised per group only; every episode weighs the same (RLinf's masked_mean_ratio)
+        assert alg.normalize_advantages is False and alg.loss_weighting == "episode"
     else:
         assert isinstance(alg, PPOConfig) and alg.update_epochs == PPO_EPOCHS[policy][suite]
         assert (alg.value_clip, alg.huber_delta) == (0.2, 10.0)
-        assert alg.value_features == ("expert" if policy == "pi0" else "prefix")
+        assert alg.normalize_advantages is True and alg.loss_weighting == "decision"
+        # the reference's critics: π0 on pooled expert features, π0.5 on the pooled VLM prefix
+        assert (alg.value_features, alg.value_head_hidden, alg.value_head_activation) == (
+            ("expert", (512, 256, 128), "relu") if policy == "pi0" else ("prefix", (1024, 512, 256), "relu")
+        )
         # rollout epochs x one episode budget of decisions per env
         assert cfg.rollout.decisions_per_env == rollout_epochs * episode_length // executed
         if algorithm == "ppo_flow_sde":

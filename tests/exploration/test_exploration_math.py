@@ -7,6 +7,7 @@ from torch.distributions import Normal
 from lerobot_pirl.exploration import (
     bounded_noise_std,
     executed_mask,
+    flow_noise_chain_entropy,
     flow_noise_chain_log_prob,
     gaussian_entropy,
     gaussian_log_prob,
@@ -68,12 +69,31 @@ def test_gaussian_log_prob_and_entropy_equal_torch_normal_on_executed_elements()
     mask = executed_mask(5, 4, n_executed=2, real_action_dim=3)
     expected = Normal(mean[:, :2, :3], std[:, :2, :3]).log_prob(x[:, :2, :3]).sum((1, 2))
     assert torch.allclose(gaussian_log_prob(x, mean, std, mask), expected, atol=1e-5)
-    expected_entropy = Normal(mean[:, :2, :3], std[:, :2, :3]).entropy().sum((1, 2))
+    # The entropy is per executed element (the mean over the C x D = 6), the reference's normalisation.
+    expected_entropy = Normal(mean[:, :2, :3], std[:, :2, :3]).entropy().mean((1, 2))
     assert torch.allclose(gaussian_entropy(std, mask), expected_entropy, atol=1e-5)
     scalar_std = torch.full((3, 1, 1), 0.3)
     assert torch.allclose(
-        gaussian_entropy(scalar_std, mask), Normal(0.0, torch.full((3, 2, 3), 0.3)).entropy().sum((1, 2))
+        gaussian_entropy(scalar_std, mask), torch.full((3,), 0.5 * math.log(2 * math.pi * math.e * 0.09))
     )
+
+
+def test_flow_noise_chain_entropy_is_the_reference_mean_over_chain_terms_and_elements():
+    # A hand-built chain: K = 2 transitions, std 0.1 then 0.2 on every element; H = 3, A = 2, C = 2, D = 1.
+    stds = torch.stack([torch.full((4, 3, 2), 0.1), torch.full((4, 3, 2), 0.2)], 1)  # (B, K, H, A)
+    stds[:, :, 2:, :] = 5.0  # the unexecuted tail and the padded dim never count
+    stds[:, :, :, 1] = 5.0
+    mask = executed_mask(3, 2, n_executed=2, real_action_dim=1)
+    # The reference (RLinf's openpi model, joint log-prob): ½·log(2πe·σ²) of the prior N(0, 1) and of each
+    # transition, then the mean over the K + 1 = 3 terms and over the C x D elements.
+    half_log_2pi_e = 0.5 * math.log(2 * math.pi * math.e)
+    expected = half_log_2pi_e + (math.log(0.1) + math.log(0.2)) / 3
+    assert torch.allclose(flow_noise_chain_entropy(stds, mask), torch.full((4,), expected), atol=1e-6)
+    # Summed over the C x D = 2 elements and averaged over the K transitions only, as before, the same
+    # bonus weighed log σ C·D·(K+1)/K = 3 times as much: the gradients differ by that factor.
+    stds = stds.requires_grad_()
+    flow_noise_chain_entropy(stds, mask).sum().backward()
+    assert torch.allclose(stds.grad[:, 0, 0, 0], torch.full((4,), 1 / (3 * 2 * 0.1)))
 
 
 def test_padded_dims_and_unexecuted_tail_never_change_a_log_prob():

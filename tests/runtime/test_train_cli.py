@@ -318,10 +318,23 @@ def with_policy(flag: str):
             lambda d, t: [f"--policy.path={d}", "--algorithm.value_features=foo"],
             "--algorithm.value_features must be one of ('prefix', 'expert'), got 'foo'",
         ),
-        (
-            lambda d, t: [f"--policy.path={d}", "--algorithm.noise_level=-1"],
-            "--algorithm.noise_level must be >= 0, got -1",
-        ),
+        # Issue 12: degenerate algorithm values (a noise level of 0 once gave NaN log-probs at the first
+        # update; the others trained on nothing or crashed later).
+        *[
+            (with_policy(flag), message)
+            for flag, message in [
+                ("--algorithm.noise_level=0", "--algorithm.noise_level must be > 0 for flow_sde exploration"),
+                (
+                    "--algorithm.noise_level=-1",
+                    "--algorithm.noise_level must be > 0 for flow_sde exploration",
+                ),
+                ("--algorithm.noise_level=nan", "--algorithm.noise_level must be a finite number, got nan"),
+                ("--algorithm.noise_std_max=0.01", "--algorithm.noise_std_max must be >= noise_std_min"),
+                ("--algorithm.clip_ratio=0", "--algorithm.clip_ratio must be > 0, got 0"),
+                ("--algorithm.loss_weighting=token", "--algorithm.loss_weighting must be one of"),
+                ("--algorithm.value_head_activation=swish", "--algorithm.value_head_activation must be"),
+            ]
+        ],
         # Issue 17: each of these once ended in a traceback or trained on a meaningless value.
         *[
             (with_policy(flag), message)

@@ -46,7 +46,8 @@ def compute_gae(
 
 
 def group_relative_advantages(scores: Tensor, group_size: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """GRPO: Â = (score - mean_g) / (std_g + eps) inside each group of G episodes that share a reset.
+    """GRPO: Â = (score - mean_g) / (std_g + eps) inside each group of G episodes that share a reset,
+    std_g Bessel-corrected (÷ (G-1), as the reference's `torch.std`).
 
     scores: (E,) episode returns, E a multiple of G, consecutive episodes forming a group.
     Returns (advantages (E,), keep (E,) bool). Groups whose scores are all equal carry no learning signal
@@ -56,7 +57,7 @@ def group_relative_advantages(scores: Tensor, group_size: int, eps: float = 1e-6
         raise ValueError(f"{scores.numel()} episodes do not split into groups of {group_size}")
     grouped = scores.float().view(-1, group_size)  # (E/G, G)
     mean = grouped.mean(1, keepdim=True)
-    std = grouped.std(1, unbiased=False, keepdim=True)
+    std = grouped.std(1, keepdim=True)
     keep = (grouped.max(1, keepdim=True).values > grouped.min(1, keepdim=True).values).expand_as(grouped)
     advantages = torch.where(keep, (grouped - mean) / (std + eps), torch.zeros_like(grouped))
     return advantages.reshape(-1), keep.reshape(-1)

@@ -7,12 +7,15 @@ job's small flow_mlp policy gets its own learning rate and batch sizes (`Algorit
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import draccus
 
 EXPLORATIONS = ("flow_sde", "flow_noise")
 VALUE_FEATURES = ("prefix", "expert")
+VALUE_HEAD_ACTIVATIONS = ("relu", "gelu", "tanh")
+LOSS_WEIGHTINGS = ("decision", "episode")
 # Values the config leaves as None, per policy size: the reference recipe (RLinf's πRL configs) for the VLAs
 # (~300 M trained parameters), and the measured choice for the small flow_mlp (BENCHMARKS.md, "Per-policy
 # update defaults").
@@ -20,6 +23,33 @@ REFERENCE_DEFAULTS = {"actor_lr": 5e-6, "minibatch_size": 2048, "update_epochs":
 SMALL_POLICY_DEFAULTS = {"actor_lr": 3e-5, "minibatch_size": 400, "update_epochs": 10}
 SMALL_POLICY_TYPES = ("flow_mlp",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# The critic left as None, per policy type: the reference's value heads (RLinf's `ValueHead` in its openpi
+# model) for π0 (pooled expert features, 512-256-128, ReLU) and π0.5 (pooled VLM prefix, 1024-512-256,
+# ReLU). SmolVLA has no reference critic; it is π0's design (VLM prefix + action expert), so it gets π0's.
+# flow_mlp keeps the head measured on MetaWorld (prefix = its observation encoding, 256-256, GELU).
+VALUE_HEAD_DEFAULTS = {
+    "pi0": {
+        "value_features": "expert",
+        "value_head_hidden": (512, 256, 128),
+        "value_head_activation": "relu",
+    },
+    "pi05": {
+        "value_features": "prefix",
+        "value_head_hidden": (1024, 512, 256),
+        "value_head_activation": "relu",
+    },
+    "smolvla": {
+        "value_features": "expert",
+        "value_head_hidden": (512, 256, 128),
+        "value_head_activation": "relu",
+    },
+    "flow_mlp": {
+        "value_features": "prefix",
+        "value_head_hidden": (256, 256),
+        "value_head_activation": "gelu",
+    },
+}
+OTHER_POLICY_VALUE_HEAD = VALUE_HEAD_DEFAULTS["flow_mlp"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -32,10 +62,12 @@ def _require(condition: bool, message: str) -> None:
 class AlgorithmConfig(draccus.ChoiceRegistry):
     # Exploration (DESIGN.md §3)
     exploration: str = "flow_sde"
-    noise_level: float = 0.5  # Flow-SDE a
+    noise_level: float = 0.5  # Flow-SDE a, > 0
     noise_std_min: float = 0.08  # Flow-Noise std bounds
     noise_std_max: float = 0.16
-    entropy_coef: float = 0.005  # Flow-Noise only: the SDE's std is fixed, so its entropy is constant
+    # Flow-Noise only (the SDE's std is fixed). Weighs the chain's entropy per executed element, the mean
+    # over its K+1 terms and C x D elements (the reference's normalisation, so 0.005 is the paper's 0.005).
+    entropy_coef: float = 0.005
 
     # Returns
     gamma: float = 0.99  # per decision (chunk)
@@ -55,9 +87,13 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     minibatch_size: int | None = None
     micro_batch_size: int | None = 128  # decisions per forward/backward (gradient accumulation); None = all
     clip_ratio: float = 0.2
-    normalize_advantages: bool = True
-    # Stability against late collapses: stop the epoch loop of an
-    # update once the mean approx-KL of an epoch exceeds this. None = never stop early (the reference).
+    normalize_advantages: bool = True  # standardise the advantages over the whole batch before the update
+    # How the loss averages over decisions: "decision" weighs every decision the same, "episode" divides
+    # each decision by its episode's decision count in the rollout, so every episode weighs the same.
+    loss_weighting: str = "decision"
+    # Stability against late collapses: stop the epoch loop of an update once the mean approx-KL of an
+    # epoch exceeds this. It reads Schulman's k3 estimator (losses/approx_kl); losses/approx_kl_k1 is
+    # the reference's k1. None = never stop early (the reference).
     target_kl: float | None = None
     lr_schedule: str = "constant"
     lr_warmup_iterations: int = 0
@@ -77,9 +113,17 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
 
     def resolved(self, policy_type: str | None) -> AlgorithmConfig:
         """This config with every None size/rate filled in for the policy type ("pi0", "flow_mlp", ...)."""
-        defaults = SMALL_POLICY_DEFAULTS if policy_type in SMALL_POLICY_TYPES else REFERENCE_DEFAULTS
-        unset = {name: value for name, value in defaults.items() if getattr(self, name) is None}
+        unset = {
+            name: value
+            for name, value in self.policy_defaults(policy_type).items()
+            if getattr(self, name) is None
+        }
         return dataclasses.replace(self, **unset) if unset else self
+
+    @staticmethod
+    def policy_defaults(policy_type: str | None) -> dict:
+        """The values `resolved` fills in where this config has None."""
+        return dict(SMALL_POLICY_DEFAULTS if policy_type in SMALL_POLICY_TYPES else REFERENCE_DEFAULTS)
 
     def policy_settings(self) -> dict:
         """FlowRLPolicy's exploration and critic settings for this algorithm (no critic by default)."""
@@ -102,7 +146,21 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
             self.lr_schedule in LR_SCHEDULES,
             f"--algorithm.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
         )
-        _require(self.noise_level >= 0, f"--algorithm.noise_level must be >= 0, got {self.noise_level}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float):
+                _require(
+                    math.isfinite(value), f"--algorithm.{field.name} must be a finite number, got {value}"
+                )
+        _require(
+            self.loss_weighting in LOSS_WEIGHTINGS,
+            f"--algorithm.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}",
+        )
+        # σ_k = a·sqrt(t/(1-t)): a = 0 makes every Flow-SDE step deterministic and its log-prob -inf/NaN.
+        _require(
+            self.exploration != "flow_sde" or self.noise_level > 0,
+            f"--algorithm.noise_level must be > 0 for flow_sde exploration, got {self.noise_level}",
+        )
         _require(self.noise_std_min > 0, f"--algorithm.noise_std_min must be > 0, got {self.noise_std_min}")
         _require(
             self.noise_std_max >= self.noise_std_min,
@@ -139,23 +197,43 @@ class PPOConfig(AlgorithmConfig):
     value_loss_coef: float = 0.5
     value_clip: float | None = 0.2  # clip V around its rollout value, as the policy ratio is clipped
     huber_delta: float | None = 10.0  # reference value loss is Huber with δ = 10; None = squared error
-    value_head_hidden: tuple[int, ...] = (256, 256)
-    value_features: str = "prefix"  # pooled observation features; "expert" = pooled expert states
+    # The critic: None takes the policy type's (the reference's value heads for pi0 and pi05, pi0's for
+    # smolvla, prefix features with 256-256 GELU for flow_mlp). "prefix" = pooled observation features,
+    # "expert" = pooled expert states, the value averaged over the denoising steps.
+    value_head_hidden: tuple[int, ...] | None = None
+    value_features: str | None = None
+    value_head_activation: str | None = None
     detach_value_input: bool = True  # the critic does not move the policy trunk
 
+    @staticmethod
+    def policy_defaults(policy_type: str | None) -> dict:
+        critic = VALUE_HEAD_DEFAULTS.get(policy_type, OTHER_POLICY_VALUE_HEAD)
+        return {**AlgorithmConfig.policy_defaults(policy_type), **critic}
+
     def policy_settings(self) -> dict:
+        unset = [name for name in ("value_head_hidden", "value_features") if getattr(self, name) is None]
+        if unset:
+            raise ValueError(
+                f"resolve the algorithm config for the policy type first (unset: {', '.join(unset)})"
+            )
         return {
             **super().policy_settings(),
             "value_head_hidden": self.value_head_hidden,
             "value_features": self.value_features,
+            "value_head_activation": self.value_head_activation or "gelu",
             "detach_value_input": self.detach_value_input,
         }
 
     def __post_init__(self):
         super().__post_init__()
         _require(
-            self.value_features in VALUE_FEATURES,
+            self.value_features is None or self.value_features in VALUE_FEATURES,
             f"--algorithm.value_features must be one of {VALUE_FEATURES}, got {self.value_features!r}",
+        )
+        _require(
+            self.value_head_activation is None or self.value_head_activation in VALUE_HEAD_ACTIVATIONS,
+            f"--algorithm.value_head_activation must be one of {VALUE_HEAD_ACTIVATIONS}, "
+            f"got {self.value_head_activation!r}",
         )
         _require(
             self.value_clip is None or self.value_clip > 0,
@@ -169,7 +247,7 @@ class PPOConfig(AlgorithmConfig):
             self.value_loss_coef >= 0, f"--algorithm.value_loss_coef must be >= 0, got {self.value_loss_coef}"
         )
         _require(
-            all(width >= 1 for width in self.value_head_hidden),
+            all(width >= 1 for width in self.value_head_hidden or ()),
             f"--algorithm.value_head_hidden widths must be >= 1, got {self.value_head_hidden}",
         )
 
@@ -178,7 +256,11 @@ class PPOConfig(AlgorithmConfig):
 @dataclass
 class GRPOConfig(AlgorithmConfig):
     group_size: int = 8  # envs reset to the same initial state; each group's outcomes are compared
-    advantage_eps: float = 1e-6
+    advantage_eps: float = 1e-6  # Â = (R - mean) / (std + eps), std Bessel-corrected as the reference's
+    # Â is already standardised within each group (DESIGN.md §4); a second standardisation over the batch
+    # shifts it by the decision-weighted mean, which is not 0 when episodes differ in length.
+    normalize_advantages: bool = False
+    loss_weighting: str = "episode"  # every episode weighs the same, as the reference's GRPO
 
     @property
     def uses_critic(self) -> bool:
@@ -187,3 +269,4 @@ class GRPOConfig(AlgorithmConfig):
     def __post_init__(self):
         super().__post_init__()
         _require(self.group_size >= 2, f"GRPO needs --algorithm.group_size >= 2, got {self.group_size}")
+        _require(self.advantage_eps >= 0, f"--algorithm.advantage_eps must be >= 0, got {self.advantage_eps}")

@@ -20,7 +20,7 @@ def grpo_samples(batch: RolloutBatch, cfg: GRPOConfig) -> tuple[UpdateSamples, d
     group g. Groups whose returns are all equal carry no signal and are dropped.
     """
     samples, keep_episode = _group_samples(batch, cfg)
-    return samples, {"grpo/kept_group_fraction": float(keep_episode.float().mean())}
+    return samples.with_unit_mean_weights(), {"grpo/kept_group_fraction": float(keep_episode.float().mean())}
 
 
 def _group_samples(batch: RolloutBatch, cfg: GRPOConfig) -> tuple[UpdateSamples, torch.Tensor]:
@@ -32,7 +32,8 @@ def _group_samples(batch: RolloutBatch, cfg: GRPOConfig) -> tuple[UpdateSamples,
     index = batch.episode_index.clamp(min=0)
     advantages = advantages_per_episode[index]  # (T, N)
     keep = keep_episode[index] & batch.mask
-    return UpdateSamples.from_rollout(batch, advantages, advantages, keep), keep_episode
+    samples = UpdateSamples.from_rollout(batch, advantages, advantages, keep, cfg.loss_weighting)
+    return samples, keep_episode
 
 
 def check_whole_episodes(batch: RolloutBatch) -> None:
@@ -63,12 +64,14 @@ class GRPO(Algorithm):
         check_whole_episodes(batch)
 
     def update_samples(self, batches: list[RolloutBatch]) -> tuple[UpdateSamples | None, dict[str, float]]:
-        """Advantages per batch (groups never span batches); the kept-group fraction over all of them."""
+        """Advantages per batch (groups never span batches), loss weights of mean 1 over all of them; the
+        kept-group fraction over all of them."""
         if not batches:
             return None, {}
         parts, kept = zip(*(_group_samples(batch, self.cfg) for batch in batches), strict=True)
         fraction = float(torch.cat(kept).float().mean())  # every group has G episodes: = the group fraction
-        return UpdateSamples.concatenate(list(parts)), {"grpo/kept_group_fraction": fraction}
+        samples = UpdateSamples.concatenate(list(parts)).with_unit_mean_weights()
+        return samples, {"grpo/kept_group_fraction": fraction}
 
     def batches_per_rollout(self, rollout: RolloutShape) -> int:
         return rollout.episodes_per_env

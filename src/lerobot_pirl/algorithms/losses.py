@@ -11,20 +11,31 @@ from torch import Tensor
 
 
 def clipped_surrogate_loss(
-    logprob: Tensor, old_logprob: Tensor, advantages: Tensor, clip_ratio: float
+    logprob: Tensor,
+    old_logprob: Tensor,
+    advantages: Tensor,
+    clip_ratio: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """-E[min(r·Â, clip(r, 1-ε, 1+ε)·Â)] with r = exp(ℓ_new - ℓ_old) (πRL Eqs. 14-15).
+    """-E[w·min(r·Â, clip(r, 1-ε, 1+ε)·Â)] with r = exp(ℓ_new - ℓ_old) (πRL Eqs. 14-15); w the loss
+    weights (1 by default).
 
-    Returns the loss and diagnostics."""
+    Returns the loss and diagnostics: both KL estimators of the old policy from the new (Schulman's k3,
+    always >= 0, and k1 = E[ℓ_old - ℓ_new], the reference's), and two clip fractions per sample: CleanRL's
+    |r - 1| > ε, and the reference's "the clipped branch is the one the loss takes" (r outside the
+    range on the side where clipping binds for the sign of Â)."""
     log_ratio = logprob - old_logprob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_ratio, 1.0 + clip_ratio)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    loss = (per_sample if weights is None else per_sample * weights).mean()
     with torch.no_grad():
         stats = {
-            "approx_kl": ((ratio - 1.0) - log_ratio).mean(),  # Schulman's k3 estimator, always >= 0
+            "approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+            "approx_kl_k1": (-log_ratio).mean(),
             "clipped": ((ratio - 1.0).abs() > clip_ratio).float(),  # (M,)
+            "clipped_active": (unclipped < clipped).float(),  # (M,)
             "ratio": ratio.detach(),
         }
     return loss, stats
@@ -36,8 +47,10 @@ def value_loss(
     returns: Tensor,
     value_clip: float | None,
     huber_delta: float | None,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """Clipped value loss: max of the losses of V and of V clipped to old_V ± clip (PPO2 / CleanRL)."""
+    """Clipped value loss: max of the losses of V and of V clipped to old_V ± clip (PPO2 / CleanRL),
+    averaged with the loss weights (1 by default)."""
 
     def error(prediction: Tensor) -> Tensor:
         if huber_delta is None:
@@ -48,7 +61,7 @@ def value_loss(
     if value_clip is not None:
         clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
         loss = torch.maximum(loss, error(clipped))
-    return loss.mean()
+    return (loss if weights is None else loss * weights).mean()
 
 
 def explained_variance(predictions: Tensor, targets: Tensor) -> float:

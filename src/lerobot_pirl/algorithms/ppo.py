@@ -24,7 +24,7 @@ def ppo_samples(batch: RolloutBatch, cfg: PPOConfig) -> UpdateSamples:
         cfg.gamma,
         cfg.gae_lambda,
     )
-    return UpdateSamples.from_rollout(batch, advantages, returns)
+    return UpdateSamples.from_rollout(batch, advantages, returns, loss_weighting=cfg.loss_weighting)
 
 
 @register_algorithm("ppo")
@@ -40,10 +40,11 @@ class PPO(Algorithm):
         return [collector.collect(rollout.decisions_per_env, self.cfg.exploration)]
 
     def update_samples(self, batches: list[RolloutBatch]) -> tuple[UpdateSamples | None, dict[str, float]]:
-        """GAE per batch (per env inside it), concatenated."""
+        """GAE per batch (per env inside it), concatenated; loss weights of mean 1 over all of them."""
         if not batches:
             return None, {}
-        return UpdateSamples.concatenate([ppo_samples(batch, self.cfg) for batch in batches]), {}
+        samples = UpdateSamples.concatenate([ppo_samples(batch, self.cfg) for batch in batches])
+        return samples.with_unit_mean_weights(), {}
 
     def seed_budget(self, rollout: RolloutShape) -> int:
         # The first rollout resets every env, then each decision can end at most every env's episode.

@@ -26,10 +26,13 @@ class UpdateSamples:
     advantages: Tensor  # (M,)
     returns: Tensor  # (M,)
     observation_rows: Tensor | None = None  # (M,) int64: sample i reads observation row i or this row
+    loss_weights: Tensor | None = None  # (M,) float32, each decision's weight in the loss means; None = 1
 
     def __post_init__(self):
         if self.observation_rows is None:
             self.observation_rows = torch.arange(len(self.chains))
+        if self.loss_weights is None:
+            self.loss_weights = torch.ones(len(self.chains), device=self.chains.device)
 
     @classmethod
     def tensor_fields(cls) -> tuple[str, ...]:
@@ -38,15 +41,26 @@ class UpdateSamples:
 
     @classmethod
     def from_rollout(
-        cls, batch: RolloutBatch, advantages: Tensor, returns: Tensor, keep: Tensor | None = None
+        cls,
+        batch: RolloutBatch,
+        advantages: Tensor,
+        returns: Tensor,
+        keep: Tensor | None = None,
+        loss_weighting: str = "decision",
     ) -> UpdateSamples:
-        """advantages, returns: (T, N); keep: optional (T, N) bool further restricting batch.mask.
+        """advantages, returns: (T, N); keep: optional (T, N) bool further restricting batch.mask;
+        loss_weighting: "decision" (every decision weighs 1) or "episode" (1 / its episode's decisions
+        among the samples, so that each episode's weights sum to 1).
 
         One gather per (T, N) tensor; the observations stay in the rollout's storage, viewed as
         (T*N, ...) and indexed by the valid rows at each minibatch.
         """
         valid = batch.mask if keep is None else batch.mask & keep
         rows = valid.reshape(-1).nonzero().squeeze(1)  # (M,) into the flattened (T*N) rows
+        if loss_weighting == "episode":
+            weights = episode_loss_weights(batch.episode_index, valid)
+        else:
+            weights = valid.float()
 
         def gather(tensor: Tensor) -> Tensor:
             return tensor.flatten(0, 1)[rows.to(tensor.device)]
@@ -60,6 +74,7 @@ class UpdateSamples:
             old_values=gather(batch.values),
             advantages=gather(advantages),
             returns=gather(returns),
+            loss_weights=gather(weights),
         )
 
     @classmethod
@@ -80,6 +95,13 @@ class UpdateSamples:
             observation_rows=None,
         )
 
+    def with_unit_mean_weights(self) -> UpdateSamples:
+        """The loss weights scaled to mean 1 over these samples: a loss mean over a random minibatch
+        then estimates the weighted mean over all of them (RLinf's `masked_mean_ratio` form)."""
+        if len(self) == 0:
+            return self
+        return self.replace(loss_weights=self.loss_weights / self.loss_weights.mean())
+
     def replace(self, **changes: Tensor) -> UpdateSamples:
         return UpdateSamples(**{**self.__dict__, **changes})
 
@@ -95,3 +117,14 @@ class UpdateSamples:
             observations=expand_observation(stored) if expand else stored,
             **{name: getattr(self, name)[index].to(device) for name in self.tensor_fields()},
         )
+
+
+def episode_loss_weights(episode_index: Tensor, valid: Tensor) -> Tensor:
+    """(T, N) float32: 1 / L_e on the valid decisions of episode e, L_e its valid decisions here; else 0.
+
+    episode_index, valid: (T, N). An episode that crosses the rollout's end weighs as much as a whole one
+    (its length here is what the rollout holds of it)."""
+    index = episode_index.clamp(min=0)
+    counts = torch.bincount(index[valid], minlength=int(index.max()) + 1 if index.numel() else 0)  # (E,)
+    weights = 1.0 / counts.clamp(min=1).float()
+    return torch.where(valid, weights[index], torch.zeros((), dtype=torch.float32))

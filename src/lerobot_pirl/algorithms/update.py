@@ -6,8 +6,10 @@ Shape legend
 
 Minibatch variables are prefixed `mb_` (CleanRL). The keys of the update's metrics, all sample means
 unless said otherwise:
-    losses/policy_loss, losses/value_loss (PPO), losses/entropy, losses/approx_kl (Schulman's k3),
-    losses/clipfrac, losses/explained_variance (PPO: of the rollout values vs the returns);
+    losses/policy_loss, losses/value_loss (PPO), losses/entropy (per executed element), losses/approx_kl
+    (Schulman's k3, what target_kl reads), losses/approx_kl_k1 (k1, the reference's), losses/clipfrac
+    (CleanRL's |r - 1| > ε), losses/clipfrac_active (the reference's: the clipped branch is taken),
+    losses/explained_variance (PPO: of the rollout values vs the returns);
     policy/logprob_mean, policy/logprob_min, policy/logprob_max (extremes), policy/noise_std,
     policy/ratio_max (extreme), policy/clipfrac_step_{k} (Flow-SDE: by the stochastic step k*);
     grad/actor_norm, grad/critic_norm (means over optimiser steps, before clipping);
@@ -120,9 +122,11 @@ class UpdateStats:
         self.add("losses/policy_loss", pg_loss.item() * n, n)
         self.add("losses/entropy", evaluation.entropy.mean().item() * n, n)
         self.add("losses/approx_kl", float(pg_stats["approx_kl"]) * n, n)
+        self.add("losses/approx_kl_k1", float(pg_stats["approx_kl_k1"]) * n, n)
         self.epoch_kl_sum += float(pg_stats["approx_kl"]) * n
         self.epoch_kl_count += n
         self.add("losses/clipfrac", float(pg_stats["clipped"].sum()), n)
+        self.add("losses/clipfrac_active", float(pg_stats["clipped_active"].sum()), n)
         self.add("policy/noise_std", evaluation.noise_std.mean().item() * n, n)
         self.add("policy/logprob_mean", evaluation.logprob.mean().item() * n, n)
         self.extremes["policy/ratio_max"] = max(
@@ -148,6 +152,15 @@ class UpdateStats:
         return metrics
 
 
+def standardized_advantages(samples: UpdateSamples, cfg: AlgorithmConfig) -> UpdateSamples:
+    """The samples with the advantages the loss sees: standardised over the whole batch when
+    `normalize_advantages` (PPO's default; GRPO's are standardised per group already), else as given."""
+    if not cfg.normalize_advantages or len(samples) <= 1:
+        return samples
+    advantages = samples.advantages  # (M,)
+    return samples.replace(advantages=(advantages - advantages.mean()) / (advantages.std() + 1e-8))
+
+
 def policy_update(
     policy: FlowRLPolicy,
     optimizer: torch.optim.Optimizer,
@@ -164,9 +177,7 @@ def policy_update(
     num_samples = len(samples)
     if num_samples == 0:
         return {"update/num_samples": 0.0}
-    if cfg.normalize_advantages and num_samples > 1:
-        advantages = samples.advantages
-        samples = samples.replace(advantages=(advantages - advantages.mean()) / (advantages.std() + 1e-8))
+    samples = standardized_advantages(samples, cfg)
     critic_loss = None
     if cfg.uses_critic and policy.value_head is not None:
         critic_loss = functools.partial(value_loss, value_clip=cfg.value_clip, huber_delta=cfg.huber_delta)
@@ -186,11 +197,11 @@ def policy_update(
                 mb = samples.select(micro_index, device)
                 evaluation = policy.evaluate(mb.observations, mb.chains, mb.step_index)
                 pg_loss, pg_stats = clipped_surrogate_loss(
-                    evaluation.logprob, mb.old_logprobs, mb.advantages, cfg.clip_ratio
+                    evaluation.logprob, mb.old_logprobs, mb.advantages, cfg.clip_ratio, mb.loss_weights
                 )
-                loss = pg_loss - entropy_coef * evaluation.entropy.mean()
+                loss = pg_loss - entropy_coef * (evaluation.entropy * mb.loss_weights).mean()
                 if critic_loss is not None:
-                    v_loss = critic_loss(evaluation.value, mb.old_values, mb.returns)
+                    v_loss = critic_loss(evaluation.value, mb.old_values, mb.returns, weights=mb.loss_weights)
                     loss = loss + cfg.value_loss_coef * v_loss
                     stats.add("losses/value_loss", v_loss.item() * len(micro_index), len(micro_index))
                 _check_finite("loss", loss, epoch, mb_number)

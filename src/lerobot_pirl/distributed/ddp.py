@@ -7,7 +7,7 @@ through DistributedDataParallel, so gradients of the trainable parameters are av
 before clipping and the optimiser step, and parameters stay identical on every rank.
 
 Why the result equals the single-process update: advantages are normalised once over the whole
-batch (not per shard), each rank's minibatch is minibatch_size / N, and DDP's gradient average of
+batch (not per shard), the loss weights were scaled to mean 1 over the whole batch when it was built, each rank's minibatch is minibatch_size / N, and DDP's gradient average of
 N equal shard means is the mean over the global minibatch. With one minibatch per epoch it is the same
 update up to float summation order; with several, the same algorithm on differently drawn minibatches.
 
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lerobot_pirl.algorithms.config import AlgorithmConfig
 from lerobot_pirl.algorithms.samples import UpdateSamples
-from lerobot_pirl.algorithms.update import policy_update
+from lerobot_pirl.algorithms.update import policy_update, standardized_advantages
 from lerobot_pirl.distributed.payloads import decode_payload, encode_payload
 from lerobot_pirl.rl_policy import FlowRLPolicy, PolicyEvaluation
 
@@ -44,7 +44,9 @@ MEAN_METRICS = (
     "losses/policy_loss",
     "losses/entropy",
     "losses/approx_kl",
+    "losses/approx_kl_k1",
     "losses/clipfrac",
+    "losses/clipfrac_active",
     "losses/value_loss",
     "losses/explained_variance",
     "policy/logprob_mean",
@@ -146,9 +148,7 @@ def normalize_advantages_globally(
     """Normalise over the whole batch (policy_update's formula) and switch its per-shard normalisation off."""
     if not cfg.normalize_advantages or len(samples) <= 1:
         return samples, cfg
-    advantages = samples.advantages
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)  # (M,)
-    return samples.replace(advantages=advantages), dataclasses.replace(cfg, normalize_advantages=False)
+    return standardized_advantages(samples, cfg), dataclasses.replace(cfg, normalize_advantages=False)
 
 
 def shard_samples(samples: UpdateSamples, ctx: DistContext, generator: torch.Generator) -> UpdateSamples:

@@ -2,6 +2,7 @@
 
 from lerobot_pirl.exploration.likelihood import (
     executed_mask,
+    flow_noise_chain_entropy,
     flow_noise_chain_log_prob,
     gaussian_entropy,
     gaussian_log_prob,
@@ -18,6 +19,7 @@ from lerobot_pirl.exploration.steps import (
 __all__ = [
     "bounded_noise_std",
     "executed_mask",
+    "flow_noise_chain_entropy",
     "flow_noise_chain_log_prob",
     "gaussian_entropy",
     "gaussian_log_prob",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_ENTROPY_OF_UNIT_STD = 0.5 + _LOG_SQRT_2PI  # ½·log(2πe), the entropy of N(0, 1)
 
 
 def executed_mask(
@@ -52,9 +53,21 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, mask: Tensor) -> Ten
 
 
 def gaussian_entropy(std: Tensor, mask: Tensor) -> Tensor:
-    """Σ over masked elements of ½·log(2πe·σ²).  std: (B, H, A) or broadcastable; mask (H, A) -> (B,)."""
-    entropy = 0.5 + _LOG_SQRT_2PI + torch.log(std.float())
-    return (entropy.expand(entropy.shape[0], *mask.shape) * mask).flatten(1).sum(-1)
+    """Mean over masked elements of ½·log(2πe·σ²).  std: (B, H, A) or broadcastable; mask (H, A) -> (B,).
+
+    Per element, as the reference normalises its entropy bonus: a sum over the C×D executed elements
+    would make the same coefficient C·D times stronger (DESIGN.md §3)."""
+    entropy = _ENTROPY_OF_UNIT_STD + torch.log(std.float())
+    return (entropy.expand(entropy.shape[0], *mask.shape) * mask).flatten(1).sum(-1) / mask.sum()
+
+
+def flow_noise_chain_entropy(stds: Tensor, mask: Tensor) -> Tensor:
+    """Flow-Noise entropy of a chain per executed element: the mean over its K+1 terms (the prior N(0, I)
+    on x_0, then the K transitions' Gaussians), as its log-prob (`flow_noise_chain_log_prob`) and the
+    reference normalise. stds: (B, K, H, A); mask (H, A). Returns (B,)."""
+    num_terms = stds.shape[1] + 1
+    transitions = torch.stack([gaussian_entropy(stds[:, k], mask) for k in range(stds.shape[1])], 1)
+    return (_ENTROPY_OF_UNIT_STD + transitions.sum(1)) / num_terms
 
 
 def flow_noise_chain_log_prob(chain: Tensor, means: Tensor, stds: Tensor, mask: Tensor) -> Tensor:

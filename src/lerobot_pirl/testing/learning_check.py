@@ -85,7 +85,7 @@ def run_learning_check(
     common = {"exploration": exploration, "update_epochs": 4, "minibatch_size": 64, "micro_batch_size": None}
     common |= {"actor_lr": 3e-3, "noise_std_min": 0.1, "noise_std_max": 0.4, "entropy_coef": 0.0}
     if algorithm == "ppo":
-        cfg = PPOConfig(critic_lr=1e-2, gamma=0.0, value_head_hidden=(64,), **common)
+        cfg = PPOConfig(critic_lr=1e-2, gamma=0.0, value_head_hidden=(64,), **common).resolved("flow_mlp")
     else:
         cfg = GRPOConfig(group_size=4, **common)
     rl_policy = FlowRLPolicy(FlowMLPAdapter(policy), **cfg.policy_settings(), n_action_steps=None)

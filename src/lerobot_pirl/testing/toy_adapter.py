@@ -70,9 +70,13 @@ class ToyFlowAdapter(FlowAdapter):
 
 
 def toy_rl_policy(exploration: str = "flow_sde", adapter: FlowAdapter | None = None, **settings):
-    """A FlowRLPolicy over the toy adapter with PPO's default settings; `settings` override them."""
+    """A FlowRLPolicy over the toy adapter with PPO's default settings (flow_mlp's critic); `settings`
+    override them."""
     from lerobot_pirl.algorithms.config import PPOConfig
     from lerobot_pirl.rl_policy import FlowRLPolicy
 
-    defaults = {**PPOConfig(exploration=exploration).policy_settings(), "n_action_steps": None}
+    defaults = {
+        **PPOConfig(exploration=exploration).resolved("flow_mlp").policy_settings(),
+        "n_action_steps": None,
+    }
     return FlowRLPolicy(adapter if adapter is not None else ToyFlowAdapter(), **{**defaults, **settings})

@@ -18,8 +18,11 @@ Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodime
 - Update epochs: π0 4; π0.5 PPO 1 / 1 / 4 / 4; GRPO 4. Global batch 2048, micro-batch 128.
 - AdamW lr 5e-6 (actor) / 1e-4 (critic), β 0.9 / 0.95, eps 1e-8, weight decay 0.01, grad clip 1.0.
 - PPO clip 0.2, value clip 0.2, Huber δ 10, γ 0.99, λ 0.95 per chunk, advantages normalised, no KL.
+- GRPO: advantages standardised within each group only (Bessel std), every episode weighing the same
+  in the loss (`loss_weighting: episode`, RLinf's `masked_mean_ratio`).
 - Only the action expert (+ projections and the new heads) trains; the critic reads pooled expert
-  features for π0 and the pooled VLM prefix for π0.5.
+  features for π0 (ReLU MLP 512-256-128, its value the mean over the denoising steps) and the pooled
+  VLM prefix for π0.5 (ReLU MLP 1024-512-256).
 
 One-GPU variant (one 80 GB GPU): 16 envs, 4 rollout epochs, global batch 512, micro-batch 32, bf16
 autocast and gradient checkpointing; the recipe is otherwise unchanged. Measured on an H200 with the full
@@ -32,6 +35,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
+from lerobot_pirl.algorithms.config import VALUE_HEAD_DEFAULTS
 
 HERE = Path(__file__).parent
 EXAMPLES = HERE.parent  # what `python -m lerobot_pirl.examples` prints
@@ -53,7 +58,10 @@ PPO_UPDATE_EPOCHS = {
     "pi05": {"spatial": 1, "object": 1, "goal": 4, "long": 4},
 }
 GRPO_UPDATE_EPOCHS = 4
-VALUE_FEATURES = {"pi0": "expert", "pi05": "prefix"}
+VALUE_HEADS = {  # the reference's critics (algorithms/config.py VALUE_HEAD_DEFAULTS), written out
+    policy: {k: list(v) if isinstance(v, tuple) else v for k, v in VALUE_HEAD_DEFAULTS[policy].items()}
+    for policy in ("pi0", "pi05")
+}
 ALGORITHMS = ("ppo_flow_sde", "ppo_flow_noise", "grpo")
 SCALES = {  # envs, rollout epochs, global batch, micro-batch
     "reference": {"num_envs": 64, "rollout_epochs": 8, "minibatch": 2048, "micro_batch": 128},
@@ -87,12 +95,14 @@ def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
         "minibatch_size": sizes["minibatch"],
         "micro_batch_size": sizes["micro_batch"],
         "clip_ratio": 0.2,
-        "normalize_advantages": True,
+        # GRPO: Â standardised per group only, every episode weighing the same (DESIGN.md §4)
+        "normalize_advantages": not is_grpo,
+        "loss_weighting": "episode" if is_grpo else "decision",
     }
     if is_grpo:
         algorithm_cfg["group_size"] = 8
     else:
-        algorithm_cfg.update(value_clip=0.2, huber_delta=10.0, value_features=VALUE_FEATURES[policy])
+        algorithm_cfg.update(value_clip=0.2, huber_delta=10.0, **VALUE_HEADS[policy])
     one_gpu = scale == "1gpu"
     return {
         "policy": {"path": POLICY_PATHS[policy]},
