@@ -180,6 +180,27 @@ def test_configs_parse_with_draccus_and_reject_bad_values():
         GRPOConfig(group_size=1)
 
 
+def test_critics_and_loss_conventions_resolve_to_the_reference_per_policy_type():
+    critic = ("value_features", "value_head_hidden", "value_head_activation")
+    by_type = {kind: [getattr(PPOConfig().resolved(kind), name) for name in critic] for kind in VALUE_HEADS}
+    assert by_type == VALUE_HEADS  # RLinf's ValueHead sizes for pi0 (expert, 1024-wide) and pi05 (prefix)
+    explicit = PPOConfig(value_features="prefix", value_head_hidden=(64,)).resolved("pi0")
+    assert [getattr(explicit, name) for name in critic] == ["prefix", (64,), "relu"]
+    with pytest.raises(ValueError, match="resolve the algorithm config"):
+        PPOConfig().policy_settings()
+    grpo, ppo = GRPOConfig(), PPOConfig()
+    assert (grpo.normalize_advantages, grpo.loss_weighting) == (False, "episode")
+    assert (ppo.normalize_advantages, ppo.loss_weighting) == (True, "decision")
+
+
+VALUE_HEADS = {
+    "pi0": ["expert", (512, 256, 128), "relu"],
+    "pi05": ["prefix", (1024, 512, 256), "relu"],
+    "smolvla": ["expert", (512, 256, 128), "relu"],
+    "flow_mlp": ["prefix", (256, 256), "gelu"],
+}
+
+
 @pytest.mark.parametrize(
     ("config", "field", "value"),
     [
