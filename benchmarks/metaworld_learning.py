@@ -68,6 +68,11 @@ def run_summary(run_dir: Path, target: float = 0.9) -> dict:
         "mean_noise_std": _mean(rows, "policy/noise_std"),
         "mean_approx_kl": _mean(rows, "losses/approx_kl"),
         "mean_clipfrac": _mean(rows, "losses/clipfrac"),
+        "first_updates_approx_kl": _mean(rows[:6], "losses/approx_kl"),  # iterations 0-5: 5 updates
+        "first_updates_clipfrac": _mean(rows[:6], "losses/clipfrac"),
+        "final_noise_std": next(
+            (r["policy/noise_std"] for r in reversed(rows) if "policy/noise_std" in r), None
+        ),
         "noise_std_curve": [(r["env_steps"], r["policy/noise_std"]) for r in rows if "policy/noise_std" in r],
     }
 
