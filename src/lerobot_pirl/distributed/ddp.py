@@ -7,8 +7,9 @@ through DistributedDataParallel, so gradients of the trainable parameters are av
 before clipping and the optimiser step, and parameters stay identical on every rank.
 
 Why the result equals the single-process update: advantages are normalised once over the whole
-batch (not per shard), the loss weights were scaled to mean 1 over the whole batch when it was built, each rank's minibatch is minibatch_size / N, and DDP's gradient average of
-N equal shard means is the mean over the global minibatch. With one minibatch per epoch it is the same
+batch (not per shard), the loss weights were scaled to mean 1 over the whole batch when it was built,
+each rank's minibatch is minibatch_size / N, and DDP's gradient average of N equal shard means is the
+mean over the global minibatch. With one minibatch per epoch it is the same
 update up to float summation order; with several, the same algorithm on differently drawn minibatches.
 
 Shape legend
