@@ -343,6 +343,14 @@ def with_policy(flag: str):
                 ("--rollout.episodes_per_env=0", "--rollout.episodes_per_env must be >= 1, got 0"),
                 ("--rollout.n_action_steps=0", "--rollout.n_action_steps must be >= 1, got 0"),
                 ("--rollout.num_inference_steps=0", "--rollout.num_inference_steps must be >= 1, got 0"),
+                # Issue 15: a C the chunk cannot hold, a VLA-only option, observation renames only.
+                ("--rollout.n_action_steps=5", "--rollout.n_action_steps=5 must be in [1, the policy's"),
+                ("--policy_options.tokenizer=google/paligemma-3b-pt-224", "apply to VLAs only"),
+                ('--rename_map={"action": "observation.state"}', "--rename_map renames observations only"),
+                (
+                    '--rename_map={"observation.state": "observation.environment_state"}',
+                    "gives two policy inputs the same env name",
+                ),
                 ("--rollout.reward_scale=0", "--rollout.reward_scale must be > 0"),
                 ("--rollout.storage_device=gpu9", "--rollout.storage_device=gpu9: not a torch device"),
                 ("--eval.n_episodes=0", "--eval.n_episodes must be >= 1, got 0"),

@@ -62,7 +62,11 @@ def make_adapter(policy: nn.Module, **options: Any) -> FlowAdapter:
 
 
 def load_flow_policy(
-    path_or_repo_id: str | Path, device: str = "cpu", tokenizer: Any | None = None, **options: Any
+    path_or_repo_id: str | Path,
+    device: str = "cpu",
+    tokenizer: Any | None = None,
+    tokenizer_name: str | None = None,
+    **options: Any,
 ) -> tuple[nn.Module, Any, Any]:
     """Load a pi0 / pi05 / smolvla / flow_mlp checkpoint with its own processors.
 
@@ -73,6 +77,8 @@ def load_flow_policy(
         device: where the policy and the preprocessor's outputs go.
         tokenizer: a tokenizer object used instead of the one named in the saved preprocessor (pi0/pi05
             name the gated ``google/paligemma-3b-pt-224``; pass one to work offline).
+        tokenizer_name: a hub id or local folder to load the tokenizer from instead (ignored when
+            ``tokenizer`` is given); unlike an object, the name is saved with the preprocessor.
         options: policy config fields to override before the model is built, e.g. ``num_inference_steps=4``
             or ``n_action_steps=5`` (unknown names raise).
 
@@ -111,15 +117,20 @@ def load_flow_policy(
 
     check_processor_steps(folder)
     preprocessor_overrides: dict[str, dict[str, Any]] = {"device_processor": {"device": device}}
-    if tokenizer is not None and _has_tokenizer_step(folder / PREPROCESSOR_FILE):
-        preprocessor_overrides["tokenizer_processor"] = {"tokenizer": tokenizer}
+    if _has_tokenizer_step(folder / PREPROCESSOR_FILE):
+        if tokenizer is not None:
+            preprocessor_overrides["tokenizer_processor"] = {"tokenizer": tokenizer}
+        elif tokenizer_name is not None:
+            local = Path(tokenizer_name).expanduser()  # a folder is saved absolute: usable from anywhere
+            name = str(local.absolute()) if local.is_dir() else tokenizer_name
+            preprocessor_overrides["tokenizer_processor"] = {"tokenizer_name": name}
     try:
         preprocessor, postprocessor = make_pre_post_processors(
             policy.config, pretrained_path=str(folder), preprocessor_overrides=preprocessor_overrides
         )
     except Exception as error:
         hint = (
-            " (its tokenizer could not be loaded: pass tokenizer=<tokenizer object>)"
+            " (its tokenizer could not be loaded: give --policy_options.tokenizer=<hub id or local folder>)"
             if tokenizer is None and _has_tokenizer_step(folder / PREPROCESSOR_FILE)
             else ""
         )

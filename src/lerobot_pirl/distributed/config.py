@@ -157,4 +157,5 @@ def rollout_signature(cfg: TrainConfig) -> dict[str, object]:
         "num_inference_steps": cfg.rollout.num_inference_steps,
         "sparse_reward": cfg.rollout.sparse_reward,
         "end_on_success": cfg.rollout.end_on_success,
+        "rename_map": dict(cfg.rename_map),  # which env camera the policy reads as which
     }

@@ -100,6 +100,25 @@ def require_at_least(flag: str, value: int | float | None, minimum: int | float)
     require(value is None or value >= minimum, f"{flag} must be >= {minimum}, got {value}")
 
 
+def check_rename_map(rename_map: dict) -> None:
+    """`--rename_map` maps observation keys (env -> policy) one to one; actions keep their name."""
+    require(isinstance(rename_map, dict), f"--rename_map must be a JSON object, got {rename_map!r}")
+    for env_key, policy_key in rename_map.items():
+        require(
+            isinstance(env_key, str) and isinstance(policy_key, str) and env_key and policy_key,
+            f"--rename_map maps names to names, got {env_key!r}: {policy_key!r}",
+        )
+        require(
+            env_key.startswith("observation") and policy_key.startswith("observation"),
+            f"--rename_map renames observations only, got {env_key!r}: {policy_key!r}",
+        )
+    targets = list(rename_map.values())
+    require(
+        len(set(targets)) == len(targets),
+        f"--rename_map maps two env keys onto one policy key: {rename_map}",
+    )
+
+
 def check_device(flag: str, name: str | None) -> None:
     """A device torch can parse and this machine has, so that `cuda` without a GPU stops here."""
     if name is None:
@@ -229,6 +248,12 @@ class PolicyOptionsConfig:
     autocast_dtype: str | None = None  # "bfloat16" for VLAs on GPU; heads and log-probs stay float32
     gradient_checkpointing: bool = False
     freeze_trunk: bool = False  # flow_mlp: keep the observation encoder fixed
+    # VLAs: the tokenizer to use (hub id or local folder) instead of the one the checkpoint's preprocessor
+    # names (pi0/pi05 name the gated google/paligemma-3b-pt-224); saved in the output's preprocessor.
+    tokenizer: str | None = None
+    # VLAs: let policy cameras the env does not render be fed as blank images (LeRobot's padding) instead
+    # of refusing the run; --rename_map maps the env's cameras onto the policy's.
+    pad_missing_cameras: bool = False
 
 
 @dataclass
@@ -259,6 +284,10 @@ class TrainConfig:
     policy_options: PolicyOptionsConfig = field(default_factory=PolicyOptionsConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     wandb: WandBConfig = field(default_factory=WandBConfig)
+    # env key -> policy key, LeRobot's flag and JSON format, e.g.
+    # --rename_map='{"observation.images.image2": "observation.images.wrist_image"}'. The output checkpoint
+    # reads the env's names, so lerobot-eval on it needs no --rename_map.
+    rename_map: dict[str, str] = field(default_factory=dict)
 
     iterations: int = 60  # rollout + update cycles (BENCHMARKS.md, "Main-job defaults")
     max_env_steps: int | None = None  # stop earlier once this many training env steps were taken
@@ -281,6 +310,7 @@ class TrainConfig:
         require_at_least("--save_freq", self.save_freq, 0)
         require_at_least("--log_freq", self.log_freq, 1)
         require_at_least("--seed", self.seed, 0)  # numpy's seeds are unsigned
+        check_rename_map(self.rename_map)
 
     def validate(self) -> None:
         """Resolve `--policy.path` (LeRobot convention) and check values before any work starts."""

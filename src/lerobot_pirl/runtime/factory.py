@@ -7,8 +7,9 @@ benchmarks and the tests.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -44,26 +45,91 @@ def single_vec_env(envs: dict) -> object:
     return vec_envs[0]
 
 
-def check_policy_matches_env(policy_config, env_cfg) -> None:
-    """The policy's state/action features must exist in the env with the same shapes."""
+def check_policy_matches_env(policy_config, env_cfg, pad_missing_cameras: bool = False) -> None:
+    """The policy's inputs must exist in the env: state/action features with the same shapes, and every
+    camera (image sizes are left to the processors, which resize). Runs before any env is made."""
     env_features = env_policy_features(env_cfg)  # after the env's processors (LIBERO: 8-d state)
     problems = []
     for key, feature in policy_config.input_features.items():
         if feature.type is FeatureType.VISUAL:
-            continue  # VLAs pad missing cameras; image sizes are resized by the processors
+            continue  # checked below, all cameras at once
         if key not in env_features:
             problems.append(f"the policy reads {key} {tuple(feature.shape)}, which the env does not provide")
         elif tuple(env_features[key].shape) != tuple(feature.shape):
             problems.append(f"{key}: policy {tuple(feature.shape)} vs env {tuple(env_features[key].shape)}")
-    needs_image = any(f.type is FeatureType.VISUAL for f in policy_config.input_features.values())
-    if needs_image and not any(f.type is FeatureType.VISUAL for f in env_features.values()):
-        problems.append("the policy reads camera images but the env renders none")
+    problems += _camera_problems(policy_config, env_features, pad_missing_cameras)
     policy_action = policy_config.output_features.get(ACTION)
     env_action = env_features.get(ACTION)
     if policy_action is not None and env_action is not None and policy_action.shape != env_action.shape:
         problems.append(f"action: policy {tuple(policy_action.shape)} vs env {tuple(env_action.shape)}")
     if problems:
         raise ConfigError(f"policy/env feature mismatch ({env_cfg.type}): " + "; ".join(problems))
+
+
+def _camera_problems(policy_config, env_features: dict, pad_missing_cameras: bool) -> list[str]:
+    """LeRobot's pi0/pi05/smolvla feed a camera the observation lacks as a blank image with mask False, so
+    a misnamed wrist camera would train blind without a word (issue 15): each one must be rendered, or
+    padding asked for. pi0/pi05's `empty_cameras` are padded by design."""
+    wanted = [
+        key
+        for key, feature in policy_config.input_features.items()
+        if feature.type is FeatureType.VISUAL and ".empty_camera_" not in key
+    ]
+    rendered = [key for key, feature in env_features.items() if feature.type is FeatureType.VISUAL]
+    if wanted and not rendered:
+        return ["the policy reads camera images but the env renders none"]
+    missing = [key for key in wanted if key not in env_features]
+    if not missing:
+        return []
+    if pad_missing_cameras:
+        logger.warning(
+            "the env renders no %s: the policy sees blank images (--policy_options.pad_missing_cameras)",
+            ", ".join(missing),
+        )
+        return []
+    unused = [key for key in rendered if key not in wanted]
+    suggestion = json.dumps(dict(zip(unused, missing, strict=False)))
+    return [
+        f"the policy's cameras are {wanted}, the env renders {rendered}: {missing} would be blank; map the "
+        f"env's cameras onto the policy's with --rename_map='{suggestion}' (env key -> policy key), or "
+        "feed blank images with --policy_options.pad_missing_cameras=true"
+    ]
+
+
+def read_env_names(policy_config, preprocessor, rename_map: dict[str, str]) -> None:
+    """Make the loaded policy read the env's observation names: `rename_map` (env key -> policy key, as
+    LeRobot's `--rename_map`) is applied to the policy's input features and to its preprocessor's
+    normaliser, in place and order kept (the model reads its cameras in that order).
+
+    Renaming the policy rather than the observations is what lets `lerobot-eval` run the saved checkpoint
+    without a flag: lerobot-eval replaces the rename map saved in a preprocessor by its own `--rename_map`
+    (empty by default), but reads the policy's feature names from its config.
+    """
+    if not rename_map:
+        return
+    from lerobot.processor import NormalizerProcessorStep
+    from lerobot.processor.rename_processor import rename_stats
+
+    to_env = {policy_key: env_key for env_key, policy_key in rename_map.items()}
+    unknown = [key for key in to_env if key not in policy_config.input_features]
+    if unknown:
+        raise ConfigError(
+            f"--rename_map maps onto {unknown}, which the policy does not read; its inputs are "
+            f"{list(policy_config.input_features)}"
+        )
+    renamed = {to_env.get(key, key): feature for key, feature in policy_config.input_features.items()}
+    if len(renamed) != len(policy_config.input_features):
+        raise ConfigError(f"--rename_map {rename_map} gives two policy inputs the same env name")
+    policy_config.input_features = renamed
+    for index, step in enumerate(preprocessor.steps):
+        if isinstance(step, NormalizerProcessorStep):
+            preprocessor.steps[index] = replace(
+                step,
+                features={to_env.get(key, key): feature for key, feature in step.features.items()},
+                stats=rename_stats(step.stats or {}, to_env),
+            )
+    reads = ", ".join(f"{env_key} as {policy_key}" for env_key, policy_key in rename_map.items())
+    logger.info("the policy reads the env's %s (--rename_map)", reads)
 
 
 def cli_policy_overrides(policy_config) -> dict:
@@ -85,8 +151,12 @@ def adapter_options(policy_type: str, cfg: TrainConfig) -> dict:
     options = cfg.policy_options
     common = {"num_steps": cfg.rollout.num_inference_steps}
     if policy_type == "flow_mlp":
-        if options.train_vlm or options.lora_rank or options.autocast_dtype or options.gradient_checkpointing:
-            raise ConfigError("--policy_options.{train_vlm,lora_rank,autocast_dtype,...} apply to VLAs only")
+        vla_only = (options.train_vlm, options.lora_rank, options.autocast_dtype, options.tokenizer)
+        if any(vla_only) or options.gradient_checkpointing:
+            raise ConfigError(
+                "--policy_options.{train_vlm,lora_rank,autocast_dtype,gradient_checkpointing,tokenizer} "
+                "apply to VLAs only"
+            )
         return common
     if options.autocast_dtype not in (None, "bfloat16", "float16"):
         raise ConfigError(
@@ -132,17 +202,35 @@ def build_rl_policy(
     minibatch and epochs: `AlgorithmConfig.resolved`), so every saved config carries the numbers that ran.
 
     `tokenizer`: a tokenizer object for the policy's tokenizer step instead of the one its saved
-    preprocessor names (pi0/pi05 name the gated `google/paligemma-3b-pt-224`), e.g. to work offline.
+    preprocessor names (pi0/pi05 name the gated `google/paligemma-3b-pt-224`), e.g. to work offline;
+    from the CLI, `--policy_options.tokenizer` names one.
+
+    `apply_cli_overrides` is False for a resumed run: its checkpoint already holds the `--policy.*`
+    values and `--rename_map`'s names.
     """
     overrides = cli_policy_overrides(cfg.policy) if apply_cli_overrides else {}
+    if cfg.rollout.n_action_steps is not None:
+        overrides["n_action_steps"] = cfg.rollout.n_action_steps  # saved: lerobot-eval executes C too
     try:
         lerobot_policy, preprocessor, postprocessor = load_flow_policy(
-            policy_path, device=str(device), tokenizer=tokenizer, **overrides
+            policy_path,
+            device=str(device),
+            tokenizer=tokenizer,
+            tokenizer_name=cfg.policy_options.tokenizer,
+            **overrides,
         )
     except (OSError, ValueError, RuntimeError) as error:
         raise ConfigError(f"could not load the policy from {policy_path}: {error}") from error
-    check_policy_matches_env(lerobot_policy.config, cfg.env)
-    policy_type = lerobot_policy.config.type
+    policy_config = lerobot_policy.config
+    if not 1 <= policy_config.n_action_steps <= policy_config.chunk_size:
+        raise ConfigError(
+            f"--rollout.n_action_steps={policy_config.n_action_steps} must be in [1, the policy's chunk_size "
+            f"{policy_config.chunk_size}]"
+        )
+    if apply_cli_overrides:
+        read_env_names(policy_config, preprocessor, cfg.rename_map)
+    check_policy_matches_env(policy_config, cfg.env, cfg.policy_options.pad_missing_cameras)
+    policy_type = policy_config.type
     adapter = make_adapter(lerobot_policy, **adapter_options(policy_type, cfg))
     cfg.algorithm = cfg.algorithm.resolved(policy_type)  # the one place the per-policy defaults are filled
     policy = FlowRLPolicy(

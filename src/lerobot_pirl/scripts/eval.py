@@ -32,6 +32,7 @@ from lerobot.envs.configs import EnvConfig
 from lerobot_pirl.runtime.config import (
     ConfigError,
     EvalConfig,
+    PolicyOptionsConfig,
     RolloutConfig,
     _default_env,
     check_device,
@@ -80,11 +81,24 @@ class EvalRolloutConfig:
 
 
 @dataclass
+class EvalPolicyOptionsConfig:
+    """`--policy_options.*` of lerobot-pirl-eval: how a VLA checkpoint is read."""
+
+    tokenizer: str | None = PolicyOptionsConfig.tokenizer  # hub id or local folder, as in training
+    pad_missing_cameras: bool = PolicyOptionsConfig.pad_missing_cameras  # blank images for absent cameras
+
+    def to_policy_options(self) -> PolicyOptionsConfig:
+        return PolicyOptionsConfig(**asdict(self))
+
+
+@dataclass
 class EvalPipelineConfig:
     policy: PreTrainedConfig | None = None
     env: EnvConfig = field(default_factory=_default_env)
     eval: EvalEpisodesConfig = field(default_factory=EvalEpisodesConfig)
     rollout: EvalRolloutConfig = field(default_factory=EvalRolloutConfig)
+    policy_options: EvalPolicyOptionsConfig = field(default_factory=EvalPolicyOptionsConfig)
+    rename_map: dict[str, str] = field(default_factory=dict)  # env key -> policy key, as lerobot-eval
     output_dir: Path | None = None  # default: outputs/eval/<date>/<time>_<job_name>, as lerobot-eval
     job_name: str | None = None  # default: <env type>_<policy type>
     device: str | None = None
@@ -119,6 +133,8 @@ def evaluate_policy_per_task(cfg: EvalPipelineConfig):
         env=cfg.env,
         rollout=cfg.rollout.to_rollout_config(),
         eval=cfg.eval.to_eval_config(),
+        policy_options=cfg.policy_options.to_policy_options(),
+        rename_map=cfg.rename_map,
     )
     policy, preprocessor, postprocessor = build_rl_policy(train_cfg, cfg.policy.pretrained_path, device)
     video_dir = Path(cfg.output_dir) / "videos" if cfg.output_dir is not None else None
