@@ -5,6 +5,8 @@ offline models (the issue's target: Flow-SDE update cost per sample <= 1.5/K x F
 
     HF_HUB_OFFLINE=1 python benchmarks/vla_gpu.py                                  (full π0, needs a GPU)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vla_gpu.py --scale=tiny --device=cpu
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vla_gpu.py --scale=tiny --device=cpu --shape=libero \
+        --update_epochs=4 --prefix_cache_gibs='[0,16]'       (issue 15: LIBERO's prefix, cached or not)
 
 What is measured, all through the package's own code:
 - rollout: ``FlowRLPolicy.sample`` on ``observations`` preprocessed observations (one 224 px camera,
@@ -15,7 +17,13 @@ What is measured, all through the package's own code:
   on samples drawn by ``sample`` from the same observations; samples/s = observations / time of one
   epoch. The optimizer state exists before timing (one warm-up update).
 - peak memory: ``torch.cuda.max_memory_allocated`` during the timed calls, everything included
-  (weights, gradients, AdamW state, activations); ``weights_gib`` is what was allocated before.
+  (weights, gradients, AdamW state, activations, the prefix cache); ``weights_gib`` is what was
+  allocated before.
+- ``--shape=libero``: LeRobot's LIBERO inputs, two 224 px cameras and a 48-token prompt (π0's
+  ``tokenizer_max_length``), 560 prefix tokens; the tiny models then resize cameras to 256 px, so that
+  their 16 px patches give π0's 256 tokens per camera. The critic is each policy type's default (π0:
+  expert features). ``--update_epochs`` (reference: 4) and ``--prefix_cache_gibs`` (0 = recompute the
+  prefix every epoch) set the update; its cost per sample is per sample and epoch.
 
 Full scale builds π0 at its real widths with random weights (timings do not depend on their values):
 PaliGemma 2B + Gemma 300M expert, chunk 50, LeRobot's ``dtype="bfloat16"``. ``precision=mixed``
@@ -27,6 +35,7 @@ reference learning rate (5e-6). Prints a table, writes JSON after every row, and
 
 import functools
 import gc
+import itertools
 import json
 import platform
 import time
@@ -57,8 +66,16 @@ class VLAGPUConfig:
     num_steps: int = 4  # K
     n_action_steps: int = 5  # C
     chunk_size: int = 50  # H (pi0's default)
-    image_size: int | None = None  # one square camera; None: 224 at full scale, 32 at tiny scale
-    prompt_tokens: int = 24  # real tokens of a LIBERO-like instruction; the rest of the prompt is padding
+    shape: str = "one_camera"  # "one_camera" | "libero" (two 224 px cameras, a 48-token prompt)
+    cameras: int | None = None  # square cameras; None: 1, or 2 for the LIBERO shape
+    image_size: int | None = None  # camera side; None: 224 at full scale and for LIBERO, else 32
+    prompt_tokens: int | None = None  # real tokens of the instruction (the rest is padding); None: 24 / 48
+    # Tiny scale: the side the model resizes cameras to, and the padded prompt length; None: 32 and the
+    # tiny model's own, or 256 and 48 for the LIBERO shape.
+    tiny_image_resolution: int | None = None
+    tiny_tokenizer_max_length: int | None = None
+    update_epochs: int = 1  # epochs over the samples per timed update (reference: 4)
+    prefix_cache_gibs: list[float] = field(default_factory=lambda: [0.0])  # --algorithm.prefix_cache_gib
     micro_batch_sizes: list[int] = field(default_factory=lambda: [16, 32])
     variants: list[str] = field(default_factory=lambda: ["expert", "lora16"])  # "lora<rank>"
     explorations: list[str] = field(default_factory=lambda: ["flow_sde", "flow_noise"])
@@ -78,8 +95,19 @@ class VLAGPUConfig:
             raise ValueError(f"--scale must be full or tiny, got {self.scale}")
         if self.precision is None:
             self.precision = "mixed" if self.scale == "full" else "float32"
+        if self.shape not in ("one_camera", "libero"):
+            raise ValueError(f"--shape must be one_camera or libero, got {self.shape}")
+        libero = self.shape == "libero"
+        if self.cameras is None:
+            self.cameras = 2 if libero else 1
         if self.image_size is None:
-            self.image_size = 224 if self.scale == "full" else 32
+            self.image_size = 224 if self.scale == "full" or libero else 32
+        if self.prompt_tokens is None:
+            self.prompt_tokens = 48 if libero else 24
+        if self.tiny_image_resolution is None:
+            self.tiny_image_resolution = 256 if libero else 32
+        if self.tiny_tokenizer_max_length is None and libero:
+            self.tiny_tokenizer_max_length = 48
         if self.interleave is None:
             self.interleave = not self.device.startswith("cuda")
         if self.precision not in PRECISIONS:
@@ -90,13 +118,16 @@ class VLAGPUConfig:
 # Models and inputs
 
 
+def camera_keys(cfg: VLAGPUConfig) -> list[str]:
+    """One camera keeps the earlier runs' name; several take LeRobot's LIBERO names (image, image2, ...)."""
+    if cfg.cameras == 1:
+        return ["observation.image"]
+    return ["observation.images.image"] + [f"observation.images.image{i + 1}" for i in range(1, cfg.cameras)]
+
+
 def features(cfg: VLAGPUConfig):
-    inputs = {
-        "observation.image": PolicyFeature(
-            type=FeatureType.VISUAL, shape=(3, cfg.image_size, cfg.image_size)
-        ),
-        OBS_STATE: PolicyFeature(type=FeatureType.STATE, shape=(8,)),
-    }
+    camera = PolicyFeature(type=FeatureType.VISUAL, shape=(3, cfg.image_size, cfg.image_size))
+    inputs = {**dict.fromkeys(camera_keys(cfg), camera), OBS_STATE: PolicyFeature(FeatureType.STATE, (8,))}
     outputs = {ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(7,))}
     return inputs, outputs
 
@@ -115,7 +146,11 @@ def build_policy(cfg: VLAGPUConfig, policy_type: str):
             "smolvla": tiny_models.make_tiny_smolvla,
         }[policy_type]
         extra = {"dtype": "bfloat16"} if bf16_weights and policy_type != "smolvla" else {}
-        policy = maker(inputs, outputs, image_resolution=32, device=cfg.device, **sizes, **extra).policy
+        if cfg.tiny_tokenizer_max_length is not None:
+            extra["tokenizer_max_length"] = cfg.tiny_tokenizer_max_length
+        policy = maker(
+            inputs, outputs, image_resolution=cfg.tiny_image_resolution, device=cfg.device, **sizes, **extra
+        ).policy
         vocab = tiny_models.TinyPaliGemmaSizes().vocab_size
     else:
         if policy_type not in ("pi0", "pi05"):
@@ -150,9 +185,10 @@ def make_observations(cfg: VLAGPUConfig, policy, vocab: int) -> dict[str, torch.
     n, max_tokens = cfg.observations, policy.config.tokenizer_max_length
     valid = min(cfg.prompt_tokens, max_tokens)
     batch = {
-        "observation.image": torch.rand(
-            n, 3, cfg.image_size, cfg.image_size, generator=generator
-        ),  # (B,3,S,S)
+        **{
+            key: torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=generator)  # (B, 3, S, S)
+            for key in camera_keys(cfg)
+        },
         OBS_STATE: torch.rand(n, 8, generator=generator) * 2 - 1,  # (B, 8)
         OBS_LANGUAGE_TOKENS: torch.randint(4, vocab, (n, max_tokens), generator=generator),  # (B, L)
         OBS_LANGUAGE_ATTENTION_MASK: torch.arange(max_tokens).expand(n, max_tokens) < valid,  # (B, L)
@@ -171,9 +207,12 @@ def make_rl_policies(cfg: VLAGPUConfig, policy, variant: str) -> tuple[dict[str,
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.float()
                 upcast.append(param)
+    policy_type = policy.config.type  # its default critic (pi0: expert features)
     rl_policies = {
         exploration: FlowRLPolicy(
-            adapter, **PPOConfig(exploration=exploration).policy_settings(), n_action_steps=cfg.n_action_steps
+            adapter,
+            **PPOConfig(exploration=exploration).resolved(policy_type).policy_settings(),
+            n_action_steps=cfg.n_action_steps,
         ).to(cfg.device)
         for exploration in cfg.explorations
     }
@@ -245,43 +284,67 @@ def update_samples(rl_policy: FlowRLPolicy, batch) -> UpdateSamples:
     )
 
 
-def measure_update(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSamples, micro: int) -> dict:
-    algorithm = PPOConfig(
+def update_config(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples, micro: int, cache_gib: float):
+    return PPOConfig(
         exploration=rl_policy.exploration,
-        update_epochs=1,
+        update_epochs=cfg.update_epochs,
         minibatch_size=len(samples),
         micro_batch_size=micro,
+        prefix_cache_gib=cache_gib,
     ).resolved(rl_policy.policy_type)
+
+
+def recording(update, last_metrics: dict):
+    """`update` that keeps the metrics of its last call (the prefix passes it ran)."""
+
+    def call():
+        last_metrics.update(update())
+
+    return call
+
+
+def per_sample(seconds: float, num_samples: int, epochs: int, metrics: dict) -> dict:
+    """Rates per sample and epoch, and the prefix passes per sample of one update."""
+    return {
+        "samples_per_s": num_samples * epochs / seconds,
+        "ms_per_sample": 1e3 * seconds / (num_samples * epochs),
+        "prefix_passes_per_sample": metrics.get("update/prefix_passes", 0.0) / num_samples,
+    }
+
+
+def measure_update(
+    cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSamples, micro: int, cache_gib: float
+) -> dict:
+    algorithm = update_config(cfg, rl_policy, samples, micro, cache_gib)
     optimizer = make_optimizer(rl_policy, algorithm)
+    metrics: dict = {}
     update = functools.partial(policy_update, rl_policy, optimizer, samples, algorithm, cfg.device)
     try:
-        seconds, memory = timed(update, cfg)
+        seconds, memory = timed(recording(update, metrics), cfg)
     finally:
         optimizer.state.clear()  # the AdamW moments of the trained parameters
         rl_policy.zero_grad(set_to_none=True)
         free_memory(cfg.device)
-    return {
-        "samples_per_s": len(samples) / seconds,
-        "ms_per_sample": 1e3 * seconds / len(samples),
-        **memory,
-    }
+    return {**per_sample(seconds, len(samples), cfg.update_epochs, metrics), **memory}
 
 
 def measure_updates_interleaved(
-    cfg: VLAGPUConfig, rl_policies: dict[str, FlowRLPolicy], samples: dict[str, UpdateSamples], micro: int
+    cfg: VLAGPUConfig,
+    rl_policies: dict[str, FlowRLPolicy],
+    samples: dict[str, UpdateSamples],
+    micro: int,
+    cache_gib: float,
 ) -> dict[str, dict]:
     """`measure_update` for every exploration at once, their calls alternating (CPU; no memory figures)."""
-    updates, optimizers = {}, []
+    updates, optimizers, metrics = {}, [], {exploration: {} for exploration in rl_policies}
     for exploration, rl_policy in rl_policies.items():
-        algorithm = PPOConfig(
-            exploration=exploration,
-            update_epochs=1,
-            minibatch_size=len(samples[exploration]),
-            micro_batch_size=micro,
-        ).resolved(rl_policy.policy_type)
+        algorithm = update_config(cfg, rl_policy, samples[exploration], micro, cache_gib)
         optimizers.append(make_optimizer(rl_policy, algorithm))
-        updates[exploration] = functools.partial(
-            policy_update, rl_policy, optimizers[-1], samples[exploration], algorithm, cfg.device
+        updates[exploration] = recording(
+            functools.partial(
+                policy_update, rl_policy, optimizers[-1], samples[exploration], algorithm, cfg.device
+            ),
+            metrics[exploration],
         )
     times: dict[str, list[float]] = {exploration: [] for exploration in updates}
     try:
@@ -304,7 +367,7 @@ def measure_updates_interleaved(
     for exploration, seconds in times.items():
         median = sorted(seconds)[len(seconds) // 2]
         n = len(samples[exploration])
-        results[exploration] = {"samples_per_s": n / median, "ms_per_sample": 1e3 * median / n}
+        results[exploration] = per_sample(median, n, cfg.update_epochs, metrics[exploration])
     return results
 
 
@@ -355,15 +418,16 @@ class Recorder:
 
 
 def sde_vs_noise(rows: list[dict], num_steps: int) -> list[dict]:
-    """Flow-SDE / Flow-Noise update cost per sample, per (policy, variant, micro-batch); target 1.5/K."""
+    """Flow-SDE / Flow-Noise update cost per sample, per (policy, variant, micro-batch, prefix cache);
+    target 1.5/K."""
     updates = {
-        (r["policy"], r["variant"], r["micro_batch"], r["exploration"]): r
+        (r["policy"], r["variant"], r["micro_batch"], r.get("prefix_cache_gib", 0.0), r["exploration"]): r
         for r in rows
         if r["kind"] == "update" and "ms_per_sample" in r
     }
     summary = []
-    for (policy, variant, micro, exploration), sde in updates.items():
-        noise = updates.get((policy, variant, micro, "flow_noise"))
+    for (policy, variant, micro, cache_gib, exploration), sde in updates.items():
+        noise = updates.get((policy, variant, micro, cache_gib, "flow_noise"))
         if exploration != "flow_sde" or noise is None:
             continue
         ratio = sde["ms_per_sample"] / noise["ms_per_sample"]
@@ -372,6 +436,8 @@ def sde_vs_noise(rows: list[dict], num_steps: int) -> list[dict]:
                 "policy": policy,
                 "variant": variant,
                 "micro_batch": micro,
+                "prefix_cache_gib": cache_gib,
+                "prefix_passes_per_sample": sde.get("prefix_passes_per_sample"),
                 "sde_ms_per_sample": sde["ms_per_sample"],
                 "noise_ms_per_sample": noise["ms_per_sample"],
                 "ratio": ratio,
@@ -398,6 +464,11 @@ def measure_variant(cfg: VLAGPUConfig, policy_type: str, policy, batch, variant:
         "C": cfg.n_action_steps,
         "H": adapter.sizes.chunk_size,
         "observations": cfg.observations,
+        "cameras": cfg.cameras,
+        "image_size": cfg.image_size,
+        "prompt_tokens": cfg.prompt_tokens,
+        "update_epochs": cfg.update_epochs,
+        "value_features": next(iter(rl_policies.values())).value_features,
     }
     samples = {}
     for exploration, rl_policy in rl_policies.items():
@@ -407,23 +478,27 @@ def measure_variant(cfg: VLAGPUConfig, policy_type: str, policy, batch, variant:
         samples[exploration] = update_samples(rl_policy, batch)
         if cfg.interleave:
             continue
-        for micro in cfg.micro_batch_sizes:
+        for micro, cache_gib in itertools.product(cfg.micro_batch_sizes, cfg.prefix_cache_gibs):
             row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
-            row["weights_gib"] = allocated_gib(cfg.device)
-            recorder.run(row, functools.partial(measure_update, cfg, rl_policy, samples[exploration], micro))
+            row |= {"prefix_cache_gib": cache_gib, "weights_gib": allocated_gib(cfg.device)}
+            measure = functools.partial(
+                measure_update, cfg, rl_policy, samples[exploration], micro, cache_gib
+            )
+            recorder.run(row, measure)
         samples.pop(exploration)
         free_memory(cfg.device)
     if cfg.interleave:
-        for micro in cfg.micro_batch_sizes:
+        for micro, cache_gib in itertools.product(cfg.micro_batch_sizes, cfg.prefix_cache_gibs):
             results: dict[str, dict] = {}
             error: Exception | None = None
             if recorder.time_left():
                 try:
-                    results = measure_updates_interleaved(cfg, rl_policies, samples, micro)
+                    results = measure_updates_interleaved(cfg, rl_policies, samples, micro, cache_gib)
                 except Exception as caught:  # recorded on each row below
                     error = caught
             for exploration in rl_policies:
                 row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
+                row["prefix_cache_gib"] = cache_gib
                 measured = functools.partial(interleaved_result, results, exploration, error)
                 recorder.run(row, measured, check_time=not results and error is None)
     return upcast
@@ -463,8 +538,9 @@ def main(cfg: VLAGPUConfig) -> None:
     for policy_type in cfg.policies:
         measure_policy(cfg, policy_type, recorder)
 
-    columns = ["kind", "policy", "variant", "exploration", "micro_batch", "decisions_per_s", "samples_per_s"]
-    columns += ["ms_per_sample", "weights_gib", "peak_gib"]
+    columns = ["kind", "policy", "variant", "exploration", "micro_batch", "prefix_cache_gib"]
+    columns += ["decisions_per_s", "samples_per_s", "ms_per_sample", "prefix_passes_per_sample"]
+    columns += ["weights_gib", "peak_gib"]
     print("\n" + " | ".join(columns))
     for row in recorder.rows:
         note = row.get("error") or row.get("skipped") or ""
@@ -472,7 +548,8 @@ def main(cfg: VLAGPUConfig) -> None:
     print("\nFlow-SDE / Flow-Noise update cost per sample (target <= 1.5/K):")
     for entry in sde_vs_noise(recorder.rows, cfg.num_steps):
         print(
-            f"  {entry['policy']} {entry['variant']} micro {entry['micro_batch']}: "
+            f"  {entry['policy']} {entry['variant']} micro {entry['micro_batch']} "
+            f"prefix cache {entry['prefix_cache_gib']:g} GiB: "
             f"{entry['sde_ms_per_sample']:.3g} / {entry['noise_ms_per_sample']:.3g} ms "
             f"= {entry['ratio']:.3f} "
             f"(target {entry['target']:.3f}: {'met' if entry['meets_target'] else 'NOT met'})"

@@ -268,7 +268,13 @@ class FlowRLPolicy(nn.Module):
         value = self._value(context, step_hidden)
         return PolicySample(actions, chain_t, step_index, logprob, value)
 
-    def evaluate(self, batch: dict[str, Tensor], chain: Tensor, step_index: Tensor) -> PolicyEvaluation:
+    def evaluate(
+        self,
+        batch: dict[str, Tensor],
+        chain: Tensor,
+        step_index: Tensor,
+        context: FlowContext | None = None,
+    ) -> PolicyEvaluation:
         """Grad-enabled log-prob, entropy and value of stored chains under the current parameters.
 
         chain: (B, K+1, H, A) from `sample`; step_index: (B,) its k*. Flow-SDE recomputes only
@@ -276,8 +282,10 @@ class FlowRLPolicy(nn.Module):
         feature critic reads the steps recomputed (the reference's: step k* for Flow-SDE, all K for
         Flow-Noise). The entropy is per executed element (the reference's normalisation): Flow-SDE's of
         its one transition, Flow-Noise's the mean over the K+1 chain terms, the prior N(0, I) included.
+        `context`: `adapter.encode(batch)` computed before (`adapters.prefix_cache`), else computed here.
         """
-        context = self.adapter.encode(batch)
+        if context is None:
+            context = self.adapter.encode(batch)
         batch_size = chain.shape[0]
         chain = chain.float()
         if self.exploration == "flow_sde":

@@ -201,6 +201,84 @@ def test_flow_sde_recomputes_one_expert_pass_per_sample_and_flow_noise_all_k(che
     assert encode.call_count == 1  # one prefix pass per sample either way
 
 
+def rollout_samples(policy: FlowRLPolicy, batch, exploration: str, seed: int) -> UpdateSamples:
+    """What the collector hands the update for `batch`: chains, log-probs and values, fixed advantages."""
+    policy.eval()
+    sample = policy.sample(batch, exploration, generator=torch.Generator().manual_seed(seed))
+    return UpdateSamples(
+        observations={key: value for key, value in batch.items() if isinstance(value, torch.Tensor)},
+        chains=sample.chain,
+        step_index=sample.step_index,
+        old_logprobs=sample.logprob,
+        old_values=sample.value,
+        advantages=torch.tensor([1.0, -0.5, 0.25]),  # (B,)
+        returns=torch.tensor([0.3, -0.2, 0.1]),  # (B,)
+    )
+
+
+@pytest.mark.parametrize("exploration", ["flow_sde", "flow_noise"])
+def test_a_cached_prefix_gives_the_recomputed_loss_and_gradients(checkpoint, exploration):
+    """Issue 15: the first epoch keeps each sample's prefix; later micro-batches are gathered from it."""
+    from lerobot_pirl.adapters.prefix_cache import PrefixCache
+
+    policy, preprocessor, _ = load_rl_policy(checkpoint, exploration=exploration)
+    if exploration == "flow_noise":
+        randomise_noise_head(policy)
+    batch = observation_batch(preprocessor)
+    samples = rollout_samples(policy, batch, exploration, seed=8)
+    cache = PrefixCache.for_update(policy.adapter, len(samples), budget_gib=1.0)
+    policy.train()
+    for first_pass in (torch.tensor([2, 0]), torch.tensor([1])):  # "epoch 0": every sample once
+        micro = samples.select(first_pass, "cpu")
+        assert cache.context(first_pass, micro.observations)[1] == len(first_pass)
+
+    def loss_and_gradients(context):
+        policy.zero_grad(set_to_none=True)
+        evaluation = policy.evaluate(micro.observations, micro.chains, micro.step_index, context=context)
+        pg_loss, _ = clipped_surrogate_loss(evaluation.logprob, micro.old_logprobs, micro.advantages, 0.2)
+        loss = pg_loss - 0.005 * evaluation.entropy.mean()
+        loss = loss + value_loss(evaluation.value, micro.old_values, micro.returns, 0.2, 10.0)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    later = torch.tensor([0, 1])  # "epoch 1": another composition of micro-batch
+    micro = samples.select(later, "cpu")
+    cached_context, encoded = cache.context(later, micro.observations)
+    assert encoded == 0  # gathered, no prefix pass
+    cached_loss, cached_grads = loss_and_gradients(cached_context)
+    recomputed_loss, recomputed_grads = loss_and_gradients(None)
+    assert abs(cached_loss.item() - recomputed_loss.item()) <= 1e-5
+    assert cached_grads.keys() == recomputed_grads.keys() and len(cached_grads) > 10
+    for name, grad in recomputed_grads.items():
+        assert torch.allclose(cached_grads[name], grad, rtol=1e-4, atol=1e-5), name
+
+
+def test_the_update_runs_each_prefix_once_per_iteration_with_the_cache(checkpoint):
+    policy, preprocessor, _ = load_rl_policy(checkpoint)
+    samples = rollout_samples(policy, observation_batch(preprocessor), "flow_sde", seed=9)
+    metrics = {}
+    for budget in (0.0, 1e-9, 1.0):  # off, too small (recomputes), on: the same update from the same weights
+        cfg = PPOConfig(
+            actor_lr=1e-4, update_epochs=3, minibatch_size=2, micro_batch_size=1, prefix_cache_gib=budget
+        ).resolved(checkpoint[0])
+        start = {name: p.detach().clone() for name, p in policy.state_dict().items()}
+        generator = torch.Generator().manual_seed(0)
+        metrics[budget] = policy_update(policy, make_optimizer(policy, cfg), samples, cfg, "cpu", generator)
+        policy.load_state_dict(start)
+    assert metrics[0.0]["update/prefix_passes"] == 3 * BATCH  # every sample in every epoch
+    assert metrics[1e-9]["update/prefix_passes"] == 3 * BATCH
+    assert metrics[1.0]["update/prefix_passes"] == BATCH  # every sample once
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "grad/actor_norm"):
+        assert metrics[1.0][key] == pytest.approx(metrics[0.0][key], rel=1e-4, abs=1e-6), key
+
+    # A VLM that trains changes its prefix: never cached.
+    from lerobot_pirl.adapters.prefix_cache import PrefixCache
+
+    trained, _, _ = load_rl_policy(checkpoint, train_config(train_vlm=True))
+    assert PrefixCache.for_update(trained.adapter, BATCH, budget_gib=1.0) is None
+
+
 # --------------------------------------------------------------------------------------------------------
 # One PPO iteration on LeRobot's metaworld pixel env, then save -> load -> actions
 

@@ -103,6 +103,8 @@ class VLAFlowAdapter(FlowAdapter):
     # Model-specific pieces
 
     _num_steps_field: str  # the config field holding K
+    # The context is a dataclass of tensors and KV caches: `adapters.prefix_cache` may keep it across epochs.
+    supports_prefix_cache = True
 
     @abc.abstractmethod
     def _vlm_width(self) -> int:

@@ -86,6 +86,10 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
     update_epochs: int | None = None
     minibatch_size: int | None = None
     micro_batch_size: int | None = 128  # decisions per forward/backward (gradient accumulation); None = all
+    # VLAs with a frozen VLM: memory (GiB, on the update device) for every sample's prefix keys and values,
+    # computed in the first update epoch and reused by the others. An update that needs more recomputes
+    # the prefix in every epoch, as 0 does.
+    prefix_cache_gib: float = 16.0
     clip_ratio: float = 0.2
     normalize_advantages: bool = True  # standardise the advantages over the whole batch before the update
     # How the loss averages over decisions: "decision" weighs every decision the same, "episode" divides
@@ -173,6 +177,10 @@ class AlgorithmConfig(draccus.ChoiceRegistry):
             0 <= self.gae_lambda <= 1, f"--algorithm.gae_lambda must be in [0, 1], got {self.gae_lambda}"
         )
         _require(self.clip_ratio > 0, f"--algorithm.clip_ratio must be > 0, got {self.clip_ratio}")
+        _require(
+            self.prefix_cache_gib >= 0,
+            f"--algorithm.prefix_cache_gib must be >= 0, got {self.prefix_cache_gib}",
+        )
         _require(self.max_grad_norm > 0, f"--algorithm.max_grad_norm must be > 0, got {self.max_grad_norm}")
         for name in ("actor_lr", "critic_lr"):
             value = getattr(self, name)

@@ -13,7 +13,9 @@ unless said otherwise:
     policy/logprob_mean, policy/logprob_min, policy/logprob_max (extremes), policy/noise_std,
     policy/ratio_max (extreme), policy/clipfrac_step_{k} (Flow-SDE: by the stochastic step k*);
     grad/actor_norm, grad/critic_norm (means over optimiser steps, before clipping);
-    update/num_samples (M), update/epochs (epochs run), update/early_stopped (1 if target_kl stopped it).
+    update/num_samples (M), update/epochs (epochs run), update/early_stopped (1 if target_kl stopped it),
+    update/prefix_passes (samples whose observation ran through `encode`: M with the prefix cache, M per
+    epoch without).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from lerobot_pirl.adapters.prefix_cache import PrefixCache
 from lerobot_pirl.algorithms.config import AlgorithmConfig
 from lerobot_pirl.algorithms.losses import clipped_surrogate_loss, explained_variance, value_loss
 from lerobot_pirl.algorithms.samples import UpdateSamples
@@ -186,6 +189,8 @@ def policy_update(
     micro_batch_size = min(cfg.micro_batch_size or minibatch_size, minibatch_size)
     actor_params, critic_params = policy.actor_parameters(), policy.critic_parameters()
     stats = UpdateStats(policy.num_steps, by_step=policy.exploration == "flow_sde")
+    prefix_cache = PrefixCache.for_update(policy.adapter, num_samples, cfg.prefix_cache_gib)
+    prefix_passes = 0
 
     policy.train()
     for epoch in range(cfg.update_epochs):
@@ -195,7 +200,13 @@ def policy_update(
             optimizer.zero_grad(set_to_none=True)
             for micro_index in mb_index.split(micro_batch_size):
                 mb = samples.select(micro_index, device)
-                evaluation = policy.evaluate(mb.observations, mb.chains, mb.step_index)
+                context = None
+                if prefix_cache is not None:
+                    context, encoded = prefix_cache.context(micro_index, mb.observations)
+                    prefix_passes += encoded
+                else:
+                    prefix_passes += len(micro_index)
+                evaluation = policy.evaluate(mb.observations, mb.chains, mb.step_index, context=context)
                 pg_loss, pg_stats = clipped_surrogate_loss(
                     evaluation.logprob, mb.old_logprobs, mb.advantages, cfg.clip_ratio, mb.loss_weights
                 )
@@ -223,6 +234,7 @@ def policy_update(
     metrics["update/num_samples"] = float(num_samples)
     metrics["update/epochs"] = float(stats.epochs)
     metrics["update/early_stopped"] = float(stats.epochs < cfg.update_epochs)
+    metrics["update/prefix_passes"] = float(prefix_passes)
     if critic_loss is not None:
         metrics["losses/explained_variance"] = explained_variance(samples.old_values, samples.returns)
     return metrics

@@ -169,8 +169,8 @@ class _Evaluate(nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, observations: dict[str, Tensor], chains: Tensor, step_index: Tensor):
-        evaluation = self.policy.evaluate(observations, chains, step_index)
+    def forward(self, observations: dict[str, Tensor], chains: Tensor, step_index: Tensor, context=None):
+        evaluation = self.policy.evaluate(observations, chains, step_index, context=context)
         return evaluation.logprob, evaluation.entropy, evaluation.value, evaluation.noise_std
 
 
@@ -188,9 +188,9 @@ class DDPPolicy:
         )
 
     def evaluate(
-        self, observations: dict[str, Tensor], chains: Tensor, step_index: Tensor
+        self, observations: dict[str, Tensor], chains: Tensor, step_index: Tensor, context=None
     ) -> PolicyEvaluation:
-        return PolicyEvaluation(*self.ddp(observations, chains, step_index))
+        return PolicyEvaluation(*self.ddp(observations, chains, step_index, context=context))
 
     def __getattr__(self, name: str):
         return getattr(self.policy, name)
