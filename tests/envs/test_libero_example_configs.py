@@ -29,8 +29,16 @@ SUITES = {
     "goal": ("libero_goal", 320, 5),
     "long": ("libero_10", 480, 10),
 }
-K = {"pi0": dict.fromkeys(SUITES, 4), "pi05": {"spatial": 3, "object": 3, "goal": 5, "long": 5}}
+K = {"pi0": dict.fromkeys(SUITES, 4), "pi05": {"spatial": 3, "object": 5, "goal": 5, "long": 5}}
+NOISE_LEVEL = {
+    "pi0": dict.fromkeys(SUITES, 0.5),
+    "pi05": {"spatial": 0.5, "object": 0.3, "goal": 0.3, "long": 0.5},
+}
 PPO_EPOCHS = {"pi0": dict.fromkeys(SUITES, 4), "pi05": {"spatial": 1, "object": 1, "goal": 4, "long": 4}}
+GRPO_EPOCHS = {
+    "pi0": {"spatial": 2, "object": 2, "goal": 2, "long": 4},
+    "pi05": {"spatial": 1, "object": 1, "goal": 1, "long": 4},
+}
 HUB_IDS = {"pi0": "lerobot/pi0_libero_finetuned", "pi05": "lerobot/pi05_libero_finetuned"}
 
 
@@ -113,10 +121,13 @@ def test_config_parses_into_the_reference_recipe(decode, path):
     rollout_epochs, envs = (4, 16) if one_gpu else (8, 64)
     assert cfg.rollout.num_envs == envs
     assert (alg.minibatch_size, alg.micro_batch_size) == ((512, 32) if one_gpu else (2048, 128))
+    assert alg.prefix_cache_gib == 32.0  # 3,072 decisions x 10.3 MB of prefix keys/values fit
     if algorithm == "grpo":
-        assert isinstance(alg, GRPOConfig) and alg.exploration == "flow_sde" and alg.noise_level == 0.5
+        assert isinstance(alg, GRPOConfig) and alg.exploration == "flow_sde"
+        assert alg.noise_level == NOISE_LEVEL[policy][suite]
         assert alg.group_size == 8 and cfg.rollout.num_envs % alg.group_size == 0
-        assert cfg.rollout.episodes_per_env == rollout_epochs and alg.update_epochs == 4
+        assert cfg.rollout.episodes_per_env == rollout_epochs
+        assert alg.update_epochs == GRPO_EPOCHS[policy][suite]
         # Â standardised per group only; every episode weighs the same (RLinf's masked_mean_ratio)
         assert alg.normalize_advantages is False and alg.loss_weighting == "episode"
     else:
@@ -130,7 +141,7 @@ def test_config_parses_into_the_reference_recipe(decode, path):
         # rollout epochs x one episode budget of decisions per env
         assert cfg.rollout.decisions_per_env == rollout_epochs * episode_length // executed
         if algorithm == "ppo_flow_sde":
-            assert alg.exploration == "flow_sde" and alg.noise_level == 0.5
+            assert alg.exploration == "flow_sde" and alg.noise_level == NOISE_LEVEL[policy][suite]
         else:
             assert alg.exploration == "flow_noise"
             assert (alg.noise_std_min, alg.noise_std_max, alg.entropy_coef) == (0.08, 0.16, 0.005)

@@ -8,14 +8,16 @@ Use a config with
 flags after it override its values (e.g. `--env.task_ids='[3]'`, `--policy.path=<your checkpoint>`).
 
 Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodiment/config):
-- K denoising steps: π0 4 on every suite; π0.5 3 / 3 / 5 / 5 (Spatial / Object / Goal / Long).
+- K denoising steps: π0 4 on every suite; π0.5 3 / 5 / 5 / 5 (Spatial / Object / Goal / Long).
 - C executed actions per decision: 5, and 10 on LIBERO-Long (both policies).
-- Flow-SDE noise level a = 0.5; Flow-Noise std in [0.08, 0.16] with entropy bonus 0.005.
+- Flow-SDE noise level a = 0.5; π0.5 0.3 on Object and Goal. Flow-Noise std in [0.08, 0.16] with
+  entropy bonus 0.005.
 - Episode length 240 / 240 / 320 / 480 steps (`env.episode_length`; LeRobot's own defaults,
   280 / 280 / 300 / 520, apply when it is unset).
 - 64 envs × 8 rollout epochs per iteration: PPO collects 8 episode budgets of decisions per env
   (`rollout.decisions_per_env` = 8 × episode_length / C), GRPO 8 episodes per env in groups of 8.
-- Update epochs: π0 4; π0.5 PPO 1 / 1 / 4 / 4; GRPO 4. Global batch 2048, micro-batch 128.
+- Update epochs: PPO π0 4, π0.5 1 / 1 / 4 / 4; GRPO π0 2, π0.5 1, both 4 on Long. Global batch 2048,
+  micro-batch 128.
 - AdamW lr 5e-6 (actor) / 1e-4 (critic), β 0.9 / 0.95, eps 1e-8, weight decay 0.01, grad clip 1.0.
 - PPO clip 0.2, value clip 0.2, Huber δ 10, γ 0.99, λ 0.95 per chunk, advantages normalised, no KL.
 - GRPO: advantages standardised within each group only (Bessel std), every episode weighing the same
@@ -27,7 +29,9 @@ Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodime
 One-GPU variant (one 80 GB GPU): 16 envs, 4 rollout epochs, global batch 512, micro-batch 32, bf16
 autocast and gradient checkpointing; the recipe is otherwise unchanged. Measured on an H200 with the full
 pi0 (benchmarks/vla_gpu.py, bf16 frozen weights): update peak 17 GiB (Flow-SDE) / 31 GiB (Flow-Noise) at
-micro-batch 32, rollout of 64 observations 12 GiB.
+micro-batch 32, rollout of 64 observations 12 GiB. Both scales keep the frozen prefix of every update
+sample across the update epochs within 32 GiB (`algorithm.prefix_cache_gib`): 30 GiB for the 3,072
+decisions of a one-GPU iteration (10.3 MB each for pi0 at two cameras).
 """
 
 from __future__ import annotations
@@ -51,18 +55,29 @@ SUITES = {  # short name -> (LeRobot suite name, episode length, C)
 }
 DENOISING_STEPS = {  # K per policy and suite
     "pi0": {"spatial": 4, "object": 4, "goal": 4, "long": 4},
-    "pi05": {"spatial": 3, "object": 3, "goal": 5, "long": 5},
+    "pi05": {"spatial": 3, "object": 5, "goal": 5, "long": 5},
+}
+NOISE_LEVELS = {  # Flow-SDE a per policy and suite
+    "pi0": dict.fromkeys(SUITES, 0.5),
+    "pi05": {"spatial": 0.5, "object": 0.3, "goal": 0.3, "long": 0.5},
 }
 PPO_UPDATE_EPOCHS = {
     "pi0": {"spatial": 4, "object": 4, "goal": 4, "long": 4},
     "pi05": {"spatial": 1, "object": 1, "goal": 4, "long": 4},
 }
-GRPO_UPDATE_EPOCHS = 4
+GRPO_UPDATE_EPOCHS = {
+    "pi0": {"spatial": 2, "object": 2, "goal": 2, "long": 4},
+    "pi05": {"spatial": 1, "object": 1, "goal": 1, "long": 4},
+}
 VALUE_HEADS = {  # the reference's critics (algorithms/config.py VALUE_HEAD_DEFAULTS), written out
     policy: {k: list(v) if isinstance(v, tuple) else v for k, v in VALUE_HEAD_DEFAULTS[policy].items()}
     for policy in ("pi0", "pi05")
 }
 ALGORITHMS = ("ppo_flow_sde", "ppo_flow_noise", "grpo")
+# The frozen prefix of every update sample, kept across epochs: 10.3 MB per sample for pi0 at LIBERO's
+# two cameras (bf16), so a one-GPU iteration's 3,072 decisions take 30 GiB (a reference-scale rank of
+# 8 the same); more than this budget recomputes the prefix every epoch.
+PREFIX_CACHE_GIB = 32.0
 SCALES = {  # envs, rollout epochs, global batch, micro-batch
     "reference": {"num_envs": 64, "rollout_epochs": 8, "minibatch": 2048, "micro_batch": 128},
     "1gpu": {"num_envs": 16, "rollout_epochs": 4, "minibatch": 512, "micro_batch": 32},
@@ -78,7 +93,7 @@ def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
     algorithm_cfg = {
         "type": "grpo" if is_grpo else "ppo",
         "exploration": exploration,
-        "noise_level": 0.5,
+        "noise_level": NOISE_LEVELS[policy][suite],
         "noise_std_min": 0.08,
         "noise_std_max": 0.16,
         "entropy_coef": 0.005,  # Flow-Noise only
@@ -91,9 +106,10 @@ def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
         "adam_eps": 1.0e-8,
         "weight_decay": 0.01,
         "max_grad_norm": 1.0,
-        "update_epochs": GRPO_UPDATE_EPOCHS if is_grpo else PPO_UPDATE_EPOCHS[policy][suite],
+        "update_epochs": (GRPO_UPDATE_EPOCHS if is_grpo else PPO_UPDATE_EPOCHS)[policy][suite],
         "minibatch_size": sizes["minibatch"],
         "micro_batch_size": sizes["micro_batch"],
+        "prefix_cache_gib": PREFIX_CACHE_GIB,
         "clip_ratio": 0.2,
         # GRPO: Â standardised per group only, every episode weighing the same (DESIGN.md §4)
         "normalize_advantages": not is_grpo,
