@@ -94,9 +94,12 @@ class PrefixCache:
         self.enabled = True
 
     @classmethod
-    def for_update(cls, adapter: FlowAdapter, num_samples: int, budget_gib: float) -> PrefixCache | None:
-        """A cache for this update, or None where it would be wrong or is switched off."""
-        if budget_gib <= 0 or not getattr(adapter, "supports_prefix_cache", False):
+    def for_update(
+        cls, adapter: FlowAdapter, num_samples: int, budget_gib: float, epochs: int = 2
+    ) -> PrefixCache | None:
+        """A cache for this update, or None where it would be wrong, useless (one epoch: every prefix
+        runs once anyway) or is switched off."""
+        if budget_gib <= 0 or epochs < 2 or not getattr(adapter, "supports_prefix_cache", False):
             return None
         if any(p.requires_grad for p in adapter.trunk_parameters()):
             _log_once("prefix cache off: the VLM trains (--policy_options.train_vlm), so its prefix changes")

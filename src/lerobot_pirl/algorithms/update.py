@@ -189,7 +189,9 @@ def policy_update(
     micro_batch_size = min(cfg.micro_batch_size or minibatch_size, minibatch_size)
     actor_params, critic_params = policy.actor_parameters(), policy.critic_parameters()
     stats = UpdateStats(policy.num_steps, by_step=policy.exploration == "flow_sde")
-    prefix_cache = PrefixCache.for_update(policy.adapter, num_samples, cfg.prefix_cache_gib)
+    prefix_cache = PrefixCache.for_update(
+        policy.adapter, num_samples, cfg.prefix_cache_gib, epochs=cfg.update_epochs
+    )
     prefix_passes = 0
 
     policy.train()

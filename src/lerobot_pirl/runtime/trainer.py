@@ -58,6 +58,7 @@ from lerobot_pirl.runtime.factory import (
     resolve_device,
     resolve_policy_source,
 )
+from lerobot_pirl.runtime.memory import estimate_memory, profile_of, warn_if_it_cannot_fit
 from lerobot_pirl.runtime.metrics import MetricsLog, OutputWriteError, plot_learning_curves
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ class Trainer:
         )
         self.algorithm = make_algorithm(cfg.algorithm)
         if main:
+            warn_if_it_cannot_fit(estimate_memory(cfg, profile_of(self.policy)), self.device)
             self.output_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs proved good
         self.optimizer = make_optimizer(self.policy, cfg.algorithm)
         self.scheduler = make_lr_scheduler(self.optimizer, cfg.algorithm, cfg.iterations)

@@ -27,11 +27,14 @@ Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodime
   VLM prefix for π0.5 (ReLU MLP 1024-512-256).
 
 One-GPU variant (one 80 GB GPU): 16 envs, 4 rollout epochs, global batch 512, micro-batch 32, bf16
-autocast and gradient checkpointing; the recipe is otherwise unchanged. Measured on an H200 with the full
-pi0 (benchmarks/vla_gpu.py, bf16 frozen weights): update peak 17 GiB (Flow-SDE) / 31 GiB (Flow-Noise) at
-micro-batch 32, rollout of 64 observations 12 GiB. Both scales keep the frozen prefix of every update
-sample across the update epochs within 32 GiB (`algorithm.prefix_cache_gib`): 30 GiB for the 3,072
-decisions of a one-GPU iteration (10.3 MB each for pi0 at two cameras).
+autocast and gradient checkpointing; the recipe is otherwise unchanged. Both scales run under bf16
+autocast (trained weights stay float32), and Flow-Noise with gradient checkpointing: in float32 its
+micro-batch of 128 would need ≈ 140 GiB. Each header states the start-up memory estimate. Measured on an
+H200 with the full pi0 (benchmarks/vla_gpu.py, bf16 frozen weights): update peak 17 GiB (Flow-SDE) /
+31 GiB (Flow-Noise) at micro-batch 32, rollout of 64 observations 12 GiB. Both scales keep the frozen
+prefix of every update sample across the update epochs within 40 GiB (`algorithm.prefix_cache_gib`):
+10.3 MB per sample for pi0 at two cameras, 30 GiB for the 3,072 decisions of a one-GPU iteration and
+39 GiB for Goal's 4,096.
 """
 
 from __future__ import annotations
@@ -75,9 +78,9 @@ VALUE_HEADS = {  # the reference's critics (algorithms/config.py VALUE_HEAD_DEFA
 }
 ALGORITHMS = ("ppo_flow_sde", "ppo_flow_noise", "grpo")
 # The frozen prefix of every update sample, kept across epochs: 10.3 MB per sample for pi0 at LIBERO's
-# two cameras (bf16), so a one-GPU iteration's 3,072 decisions take 30 GiB (a reference-scale rank of
-# 8 the same); more than this budget recomputes the prefix every epoch.
-PREFIX_CACHE_GIB = 32.0
+# two cameras (bf16), so a one-GPU iteration's 3,072 decisions take 30 GiB, Goal's 4,096 39 GiB (a
+# reference-scale rank of 8 the same); more than this budget recomputes the prefix every epoch.
+PREFIX_CACHE_GIB = 40.0
 SCALES = {  # envs, rollout epochs, global batch, micro-batch
     "reference": {"num_envs": 64, "rollout_epochs": 8, "minibatch": 2048, "micro_batch": 128},
     "1gpu": {"num_envs": 16, "rollout_epochs": 4, "minibatch": 512, "micro_batch": 32},
@@ -146,8 +149,10 @@ def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
         "policy_options": {
             "train_vlm": False,
             "lora_rank": 0,  # e.g. 16 to train LoRA factors of the expert instead
-            "autocast_dtype": "bfloat16" if one_gpu else None,
-            "gradient_checkpointing": one_gpu,
+            # bf16 activations, and Flow-Noise's K expert passes recomputed in backward: without them
+            # Flow-Noise at micro-batch 128 needs ≈ 140 GiB (runtime/memory.py), more than one GPU has.
+            "autocast_dtype": "bfloat16",
+            "gradient_checkpointing": one_gpu or exploration == "flow_noise",
         },
         "iterations": 300,
         "save_freq": 10,
@@ -160,13 +165,40 @@ def config_path(policy: str, suite: str, algorithm: str, scale: str) -> Path:
     return HERE / policy / f"{suite}_{algorithm}{suffix}.yaml"
 
 
-def header(policy: str, suite: str, algorithm: str, scale: str) -> str:
+def memory_line(config: dict, policy: str) -> str:
+    """What the config needs, by the start-up estimate (runtime/memory.py) for the full-size policy."""
+    import draccus
+
+    from lerobot_pirl.runtime.config import TrainConfig
+    from lerobot_pirl.runtime.memory import FULL_SIZE_PROFILES, estimate_memory
+
+    cfg = draccus.decode(TrainConfig, {key: value for key, value in config.items() if key != "policy"})
+    cfg.algorithm = cfg.algorithm.resolved(policy)
+    estimate = estimate_memory(cfg, FULL_SIZE_PROFILES[policy])
+    return f"# Needs {MEMORY_FORMAT.format(gpu=estimate.gpu_gib, host=estimate.host_gb)}\n"
+
+
+# Stated in every config's header; tests read it back with this format.
+MEMORY_FORMAT = (
+    "GPU ≈ {gpu:.0f} GiB, host RAM ≈ {host:.0f} GB (runtime/memory.py estimate, one env worker per env)."
+)
+
+
+def header(policy: str, suite: str, algorithm: str, scale: str, config: dict) -> str:
     where = "one 80 GB GPU" if scale == "1gpu" else "the reference scale (64 envs x 8 rollout epochs)"
     name = config_path(policy, suite, algorithm, scale).relative_to(EXAMPLES)
+    distributed = (
+        "# Reference scale: its 89 LIBERO envs need more host RAM than one machine usually has; run it as a\n"
+        "# learner with actors (docs/distributed.md), each actor holding part of the envs.\n"
+        if scale == "reference"
+        else ""
+    )
     return (
         f"# {policy} on LIBERO {suite} ({SUITES[suite][0]}), {algorithm}, {where}.\n"
         "# Written by lerobot_pirl/examples/libero/make_configs.py (its docstring: where values come from).\n"
         f"#   lerobot-pirl-train --config_path=$(python -m lerobot_pirl.examples)/{name}\n"
+        + memory_line(config, policy)
+        + distributed
     )
 
 
@@ -177,9 +209,10 @@ def all_configs() -> dict[Path, str]:
         for suite in SUITES:
             for algorithm in ALGORITHMS:
                 for scale in SCALES:
-                    body = yaml.safe_dump(make_config(policy, suite, algorithm, scale), sort_keys=False)
+                    config = make_config(policy, suite, algorithm, scale)
+                    body = yaml.safe_dump(config, sort_keys=False)
                     files[config_path(policy, suite, algorithm, scale)] = (
-                        header(policy, suite, algorithm, scale) + body
+                        header(policy, suite, algorithm, scale, config) + body
                     )
     return files
 
