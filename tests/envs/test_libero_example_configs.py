@@ -120,7 +120,8 @@ def test_config_parses_into_the_reference_recipe(decode, path):
     assert alg.target_kl is None  # the reference has no KL guard
     rollout_epochs, envs = (4, 16) if one_gpu else (8, 64)
     assert cfg.rollout.num_envs == envs
-    assert (alg.minibatch_size, alg.micro_batch_size) == ((512, 32) if one_gpu else (2048, 128))
+    # one GPU: the largest micro-batch whose estimate fits (the test below checks the estimate)
+    assert (alg.minibatch_size, alg.micro_batch_size) == ((512, 128) if one_gpu else (2048, 128))
     assert alg.prefix_cache_gib == 40.0  # up to 4,096 decisions x 10.3 MB of prefix keys/values fit
     if algorithm == "grpo":
         assert isinstance(alg, GRPOConfig) and alg.exploration == "flow_sde"
@@ -149,7 +150,7 @@ def test_config_parses_into_the_reference_recipe(decode, path):
     assert options.train_vlm is False  # the action expert (+ heads) trains, the VLM stays frozen
     # bf16 activations; Flow-Noise's expert passes recomputed in backward (issue 15: it must fit a GPU)
     assert options.autocast_dtype == "bfloat16"
-    assert options.gradient_checkpointing is (one_gpu or algorithm == "ppo_flow_noise")
+    assert options.gradient_checkpointing is (algorithm == "ppo_flow_noise")
     assert cfg.eval.n_episodes == 50  # every init state of the task
 
 
@@ -197,8 +198,8 @@ def test_the_stated_memory_is_the_start_up_estimate(decode, path):
         f"# Needs GPU ≈ {estimate.gpu_gib:.0f} GiB, host RAM ≈ {estimate.host_gb:.0f} GB "
         "(runtime/memory.py estimate, one env worker per env)."
     ]
-    # Every config fits one 80 GB GPU; the reference scale's envs need more than one host.
-    assert estimate.gpu_gib <= 80
+    # Every config fits one 80 GB GPU with room to spare; the reference scale's envs need more than one host.
+    assert estimate.gpu_gib <= 70
     one_gpu = path.stem.endswith("_1gpu")
     assert (estimate.host_gb < 100) is one_gpu
     assert ("run it as a" in path.read_text()) is not one_gpu

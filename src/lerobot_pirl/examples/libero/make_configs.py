@@ -26,8 +26,9 @@ Reference values (RLinf's πRL configs for LIBERO, RLinf/RLinf examples/embodime
   features for π0 (ReLU MLP 512-256-128, its value the mean over the denoising steps) and the pooled
   VLM prefix for π0.5 (ReLU MLP 1024-512-256).
 
-One-GPU variant (one 80 GB GPU): 16 envs, 4 rollout epochs, global batch 512, micro-batch 32, bf16
-autocast and gradient checkpointing; the recipe is otherwise unchanged. Both scales run under bf16
+One-GPU variant (one 80 GB GPU): 16 envs, 4 rollout epochs, global batch 512, the largest micro-batch of
+128 / 64 / 32 whose memory estimate fits 70 GiB (128 for all of them), bf16 autocast; the recipe is
+otherwise unchanged. Both scales run under bf16
 autocast (trained weights stay float32), and Flow-Noise with gradient checkpointing: in float32 its
 micro-batch of 128 would need ≈ 140 GiB. Each header states the start-up memory estimate. Measured on an
 H200 with the full pi0 (benchmarks/vla_gpu.py, bf16 frozen weights): update peak 17 GiB (Flow-SDE) /
@@ -83,8 +84,10 @@ ALGORITHMS = ("ppo_flow_sde", "ppo_flow_noise", "grpo")
 PREFIX_CACHE_GIB = 40.0
 SCALES = {  # envs, rollout epochs, global batch, micro-batch
     "reference": {"num_envs": 64, "rollout_epochs": 8, "minibatch": 2048, "micro_batch": 128},
-    "1gpu": {"num_envs": 16, "rollout_epochs": 4, "minibatch": 512, "micro_batch": 32},
+    "1gpu": {"num_envs": 16, "rollout_epochs": 4, "minibatch": 512, "micro_batch": None},  # sized below
 }
+ONE_GPU_MICRO_BATCHES = (128, 64, 32)  # the largest whose estimate fits ONE_GPU_GIB is taken
+ONE_GPU_GIB = 70  # of an 80 GB card: room for the allocator's reserve and the CUDA context
 
 
 def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
@@ -152,7 +155,7 @@ def make_config(policy: str, suite: str, algorithm: str, scale: str) -> dict:
             # bf16 activations, and Flow-Noise's K expert passes recomputed in backward: without them
             # Flow-Noise at micro-batch 128 needs ≈ 140 GiB (runtime/memory.py), more than one GPU has.
             "autocast_dtype": "bfloat16",
-            "gradient_checkpointing": one_gpu or exploration == "flow_noise",
+            "gradient_checkpointing": exploration == "flow_noise",  # Flow-SDE's one pass gains nothing
         },
         "iterations": 300,
         "save_freq": 10,
@@ -165,8 +168,8 @@ def config_path(policy: str, suite: str, algorithm: str, scale: str) -> Path:
     return HERE / policy / f"{suite}_{algorithm}{suffix}.yaml"
 
 
-def memory_line(config: dict, policy: str) -> str:
-    """What the config needs, by the start-up estimate (runtime/memory.py) for the full-size policy."""
+def estimate(config: dict, policy: str):
+    """The start-up memory estimate (runtime/memory.py) of a config for the full-size policy."""
     import draccus
 
     from lerobot_pirl.runtime.config import TrainConfig
@@ -174,8 +177,24 @@ def memory_line(config: dict, policy: str) -> str:
 
     cfg = draccus.decode(TrainConfig, {key: value for key, value in config.items() if key != "policy"})
     cfg.algorithm = cfg.algorithm.resolved(policy)
-    estimate = estimate_memory(cfg, FULL_SIZE_PROFILES[policy])
-    return f"# Needs {MEMORY_FORMAT.format(gpu=estimate.gpu_gib, host=estimate.host_gb)}\n"
+    return estimate_memory(cfg, FULL_SIZE_PROFILES[policy])
+
+
+def sized_for_one_gpu(config: dict, policy: str) -> dict:
+    """The config with the largest micro-batch of ONE_GPU_MICRO_BATCHES whose estimate fits one GPU."""
+    for micro in ONE_GPU_MICRO_BATCHES:
+        config["algorithm"]["micro_batch_size"] = micro
+        if estimate(config, policy).gpu_gib <= ONE_GPU_GIB:
+            return config
+    raise ValueError(
+        f"{config['job_name']}: no micro-batch of {ONE_GPU_MICRO_BATCHES} fits {ONE_GPU_GIB} GiB"
+    )
+
+
+def memory_line(config: dict, policy: str) -> str:
+    """What the config needs, by the start-up estimate for the full-size policy."""
+    needs = estimate(config, policy)
+    return f"# Needs {MEMORY_FORMAT.format(gpu=needs.gpu_gib, host=needs.host_gb)}\n"
 
 
 # Stated in every config's header; tests read it back with this format.
@@ -210,6 +229,8 @@ def all_configs() -> dict[Path, str]:
             for algorithm in ALGORITHMS:
                 for scale in SCALES:
                     config = make_config(policy, suite, algorithm, scale)
+                    if scale == "1gpu":
+                        config = sized_for_one_gpu(config, policy)
                     body = yaml.safe_dump(config, sort_keys=False)
                     files[config_path(policy, suite, algorithm, scale)] = (
                         header(policy, suite, algorithm, scale, config) + body
