@@ -47,6 +47,7 @@ class PolicySample:
     step_index: Tensor  # (B,) int64, the stochastic step k* (Flow-SDE); 0 otherwise
     logprob: Tensor  # (B,) float32; 0 in "ode" mode
     value: Tensor  # (B,) float32; 0 without a value head
+    context: FlowContext | None = None  # the encoded observation, when `sample(keep_context=True)`
 
 
 @dataclass
@@ -214,8 +215,10 @@ class FlowRLPolicy(nn.Module):
         *,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        keep_context: bool = False,
     ) -> PolicySample:
-        """Roll the denoising chain once per observation. `batch` is the policy-preprocessed observation."""
+        """Roll the denoising chain once per observation. `batch` is the policy-preprocessed observation;
+        `keep_context` returns its encoded context too (`adapters.prefix_cache`)."""
         if mode not in ("ode", *EXPLORATION_MODES):
             raise ValueError(f"mode must be 'ode', 'flow_sde' or 'flow_noise', got {mode!r}")
         if mode == "flow_noise" and self.noise_head is None:
@@ -266,7 +269,7 @@ class FlowRLPolicy(nn.Module):
             )
         actions = x[:, : self.n_action_steps, : sizes.real_action_dim]  # (B, C, D)
         value = self._value(context, step_hidden)
-        return PolicySample(actions, chain_t, step_index, logprob, value)
+        return PolicySample(actions, chain_t, step_index, logprob, value, context if keep_context else None)
 
     def evaluate(
         self,

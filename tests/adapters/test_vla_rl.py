@@ -279,6 +279,40 @@ def test_the_update_runs_each_prefix_once_per_iteration_with_the_cache(checkpoin
     assert PrefixCache.for_update(trained.adapter, BATCH, budget_gib=1.0) is None
 
 
+def test_a_prefix_kept_by_the_rollout_saves_every_prefix_pass_of_the_update(checkpoint):
+    """Issue 15: the rollout's own encoding is kept with each stored observation and read by the update."""
+    import dataclasses
+
+    from lerobot_pirl.adapters.prefix_cache import KEPT_PREFIX
+
+    cfg = train_config()
+    cfg.algorithm.update_epochs = 2
+    policy, preprocessor, postprocessor = load_rl_policy(checkpoint, cfg)
+    start = {name: p.detach().clone() for name, p in policy.state_dict().items()}
+    collector, envs = build_collector(
+        cfg, policy, preprocessor, postprocessor, num_envs=1, device=torch.device("cpu"), keep_prefix_gib=1.0
+    )
+    try:
+        samples, batches, _ = collect_samples(cfg, collector)
+    finally:
+        close_envs(envs)
+    assert any(key.startswith(KEPT_PREFIX) for key in batches[0].observations)
+    without = samples.replace(
+        observations={k: v for k, v in samples.observations.items() if not k.startswith(KEPT_PREFIX)}
+    )
+    recompute = dataclasses.replace(cfg.algorithm, prefix_cache_gib=0.0)
+    metrics = {}
+    for name, given in (("kept", samples), ("recomputed", without)):
+        policy.load_state_dict(start)
+        generator = torch.Generator().manual_seed(0)
+        optimizer = make_optimizer(policy, recompute)
+        metrics[name] = policy_update(policy, optimizer, given, recompute, "cpu", generator)
+    assert metrics["kept"]["update/prefix_passes"] == 0
+    assert metrics["recomputed"]["update/prefix_passes"] == 2 * len(samples)
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "grad/actor_norm"):
+        assert metrics["kept"][key] == pytest.approx(metrics["recomputed"][key], rel=1e-4, abs=1e-6), key
+
+
 # --------------------------------------------------------------------------------------------------------
 # One PPO iteration on LeRobot's metaworld pixel env, then save -> load -> actions
 

@@ -9,6 +9,11 @@ update device and gathers a micro-batch's context from them afterwards: the pref
 sample per iteration instead of once per sample per epoch. The context is what `encode` would return, so
 log-probs, losses and gradients are unchanged (to float rounding of a different batch composition).
 
+The rollout already ran each prefix once: where the budget allows, the collector keeps that context in
+the stored observation (keys under `KEPT_PREFIX`, `keep_context` / `kept_context`), and the update reads
+it from there, so the prefix then runs once per decision in all. Both are the same model under the same
+autocast in one process, so the kept context is the one the update would compute.
+
 Valid only while the trunk does not train (`train_vlm=false`); `for_update` returns None otherwise, and
 when the samples' keys and values would not fit the memory budget.
 """
@@ -81,6 +86,38 @@ class _Layout:
         return FlowContext(data=replace(self.template, **changes), pooled=named["pooled"])
 
 
+KEPT_PREFIX = "prefix_cache."  # observation keys of a context kept from the rollout
+
+
+def can_cache(adapter: FlowAdapter) -> bool:
+    """The adapter's context can be kept (a VLA) and stays valid (its trunk is frozen)."""
+    if not getattr(adapter, "supports_prefix_cache", False):
+        return False
+    return not any(p.requires_grad for p in adapter.trunk_parameters())
+
+
+def keep_context(adapter: FlowAdapter, context: FlowContext) -> dict[str, Tensor]:
+    """The context as observation entries (B, ...) under KEPT_PREFIX; `kept_context` rebuilds it."""
+    if getattr(adapter, "kept_prefix_layout", None) is None:
+        adapter.kept_prefix_layout = _Layout.of(context.data)
+    named = adapter.kept_prefix_layout.tensors(context)
+    return {KEPT_PREFIX + name: tensor.detach() for name, tensor in named.items()}
+
+
+def kept_context(adapter: FlowAdapter, observations: dict[str, Tensor]) -> FlowContext | None:
+    """The context the rollout kept in `observations`, or None when it kept none."""
+    layout = getattr(adapter, "kept_prefix_layout", None)
+    named = {k[len(KEPT_PREFIX) :]: v for k, v in observations.items() if k.startswith(KEPT_PREFIX)}
+    if layout is None or not named:
+        return None
+    return layout.context(named)
+
+
+def context_gib(named: dict[str, Tensor]) -> float:
+    """GiB of one batch of kept context entries."""
+    return sum(t.numel() * t.element_size() for t in named.values()) / GIB
+
+
 class PrefixCache:
     """Contexts of the M samples of one update, filled as the first epoch computes them."""
 
@@ -101,13 +138,16 @@ class PrefixCache:
         runs once anyway) or is switched off."""
         if budget_gib <= 0 or epochs < 2 or not getattr(adapter, "supports_prefix_cache", False):
             return None
-        if any(p.requires_grad for p in adapter.trunk_parameters()):
+        if not can_cache(adapter):
             _log_once("prefix cache off: the VLM trains (--policy_options.train_vlm), so its prefix changes")
             return None
         return cls(adapter, num_samples, budget_gib)
 
     def context(self, indices: Tensor, observations: dict[str, Tensor]) -> tuple[FlowContext, int]:
         """The context of samples `indices` (B,) of the update, and how many of them ran the prefix."""
+        kept = kept_context(self.adapter, observations)
+        if kept is not None:
+            return kept, 0
         if self.filled is not None and bool(self.filled[indices].all()):
             rows = indices.to(self.filled.device)
             return self.layout.context({name: stored[rows] for name, stored in self.store.items()}), 0

@@ -14,8 +14,8 @@ unless said otherwise:
     policy/ratio_max (extreme), policy/clipfrac_step_{k} (Flow-SDE: by the stochastic step k*);
     grad/actor_norm, grad/critic_norm (means over optimiser steps, before clipping);
     update/num_samples (M), update/epochs (epochs run), update/early_stopped (1 if target_kl stopped it),
-    update/prefix_passes (samples whose observation ran through `encode`: M with the prefix cache, M per
-    epoch without).
+    update/prefix_passes (samples whose observation ran through `encode`: 0 when the rollout kept every
+    context, M with the update's prefix cache, M per epoch without).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from lerobot_pirl.adapters.prefix_cache import PrefixCache
+from lerobot_pirl.adapters.prefix_cache import PrefixCache, kept_context
 from lerobot_pirl.algorithms.config import AlgorithmConfig
 from lerobot_pirl.algorithms.losses import clipped_surrogate_loss, explained_variance, value_loss
 from lerobot_pirl.algorithms.samples import UpdateSamples
@@ -202,11 +202,11 @@ def policy_update(
             optimizer.zero_grad(set_to_none=True)
             for micro_index in mb_index.split(micro_batch_size):
                 mb = samples.select(micro_index, device)
-                context = None
-                if prefix_cache is not None:
+                context = kept_context(policy.adapter, mb.observations)  # kept by the rollout
+                if context is None and prefix_cache is not None:
                     context, encoded = prefix_cache.context(micro_index, mb.observations)
                     prefix_passes += encoded
-                else:
+                elif context is None:
                     prefix_passes += len(micro_index)
                 evaluation = policy.evaluate(mb.observations, mb.chains, mb.step_index, context=context)
                 pg_loss, pg_stats = clipped_surrogate_loss(

@@ -23,6 +23,7 @@ LIBERO reset took 6-7 s against a 1 s vector step). It costs each episode one de
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,10 +35,13 @@ from lerobot.envs.utils import FreezeAfterEpisodeEnd, preprocess_observation
 from lerobot.utils.constants import ACTION
 from torch import Tensor
 
+from lerobot_pirl.adapters.prefix_cache import KEPT_PREFIX, can_cache, context_gib, keep_context
 from lerobot_pirl.rl_policy import FlowRLPolicy, SampleMode
 from lerobot_pirl.rollout.batch import PER_DECISION_DTYPES, RolloutBatch, compact_observation
 from lerobot_pirl.rollout.chunks import ChunkOutcome, RewardRules, render_frames, reset_envs, run_chunk
 from lerobot_pirl.rollout.workers import ShardedVectorEnv
+
+logger = logging.getLogger(__name__)
 
 Pipeline = Callable[[Any], Any]
 # The (T, N) fields of RolloutBatch written per decision; next_values is derived from them at the end.
@@ -101,6 +105,9 @@ class ChunkCollector:
         reward_scale: multiplies the env's own (dense) reward, so returns suit the critic's Huber loss.
         end_on_success: the episode ends at its first success (what follows is never used).
         seed: base seed for the resets of the continuous (PPO) mode.
+        keep_prefix_gib: > 0 keeps each decision's encoded observation (a VLA's frozen prefix) with the
+            stored observation, on `device`, when a rollout's fit this many GiB; the update then reads it
+            instead of running the prefix again (`adapters.prefix_cache`).
     """
 
     def __init__(
@@ -118,8 +125,10 @@ class ChunkCollector:
         reward_scale: float = 1.0,
         end_on_success: bool = True,
         seed: int = 0,
+        keep_prefix_gib: float = 0.0,
     ):
         self.vec_env = freeze_finished_episodes(vec_env)
+        self.keep_prefix_gib = keep_prefix_gib if can_cache(policy.adapter) else 0.0
         self.num_envs = vec_env.num_envs
         self.policy = policy
         self.preprocessor = preprocessor or _identity
@@ -291,8 +300,22 @@ class ChunkCollector:
                 self._pending_seeds = [None] * self.num_envs
             batch = self.policy_inputs(self._observation)
             noise = None if generators is None else self.policy.initial_noise(generators)  # (N, H, A)
-            sample = self.policy.sample(batch, mode, noise=noise)
+            sample = self.policy.sample(batch, mode, noise=noise, keep_context=self.keep_prefix_gib > 0)
             observation = self._storable(batch)
+            if sample.context is not None:
+                kept = keep_context(self.policy.adapter, sample.context)  # each (N, ...)
+                needed_gib = context_gib(kept) * num_decisions
+                if not store and needed_gib > self.keep_prefix_gib:
+                    logger.info(
+                        "prefix not kept from the rollout: %.1f GiB for %d decisions is more than "
+                        "--algorithm.prefix_cache_gib=%g",
+                        needed_gib,
+                        num_decisions * self.num_envs,
+                        self.keep_prefix_gib,
+                    )
+                    self.keep_prefix_gib = 0.0
+                else:
+                    observation |= kept
             if not store:
                 store = self._allocate(num_decisions, observation, sample.chain)
             succeeded = np.array([stats.success[i] if i >= 0 else False for i in slot])
@@ -378,8 +401,12 @@ class ChunkCollector:
         T, N = num_decisions, self.num_envs
         on_storage = {"device": self.storage_device}
         return {
-            "observations": {  # each (T, N, ...)
-                key: torch.empty((T, *value.shape), dtype=value.dtype, **on_storage)
+            "observations": {  # each (T, N, ...); a kept prefix stays where the update will read it
+                key: torch.empty(
+                    (T, *value.shape),
+                    dtype=value.dtype,
+                    device=self.device if key.startswith(KEPT_PREFIX) else self.storage_device,
+                )
                 for key, value in observation.items()
             },
             "chains": torch.empty((T, *chain.shape), dtype=chain.dtype, **on_storage),  # (T, N, K+1, H, A)

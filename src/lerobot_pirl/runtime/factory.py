@@ -279,9 +279,11 @@ def build_collector(
     seed: int = 0,
     storage_device: str = "cpu",
     num_workers: int = 0,
+    keep_prefix_gib: float = 0.0,
 ) -> tuple[ChunkCollector, dict]:
     """A ChunkCollector over `num_envs` envs of cfg.env (stepped by `num_workers` env workers, 0 = here);
-    also returns LeRobot's env dict (to close)."""
+    also returns LeRobot's env dict (to close). `keep_prefix_gib`: see ChunkCollector (the trainer's own
+    collection only: actors would ship the kept prefixes to the learner)."""
     envs = make_rollout_envs(
         cfg.env,
         num_envs,
@@ -303,5 +305,6 @@ def build_collector(
         reward_scale=cfg.rollout.reward_scale,
         end_on_success=cfg.rollout.end_on_success,
         seed=seed,
+        keep_prefix_gib=keep_prefix_gib,
     )
     return collector, envs

@@ -126,6 +126,7 @@ class LocalCollection:
             seed=trainer.state.next_env_seed,
             storage_device=cfg.rollout.storage_device,
             num_workers=cfg.rollout.num_workers,
+            keep_prefix_gib=cfg.algorithm.prefix_cache_gib,
         )
         self.group_reset = functools.partial(episode_reset_hook, cfg.env)  # LIBERO: init state per group
 
