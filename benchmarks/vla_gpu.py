@@ -6,7 +6,7 @@ offline models (the issue's target: Flow-SDE update cost per sample <= 1.5/K x F
     HF_HUB_OFFLINE=1 python benchmarks/vla_gpu.py                                  (full π0, needs a GPU)
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vla_gpu.py --scale=tiny --device=cpu
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vla_gpu.py --scale=tiny --device=cpu --shape=libero \
-        --update_epochs=4 --prefix_cache_gibs='[0,16]'       (issue 15: LIBERO's prefix, cached or not)
+        --update_epochs=4 --prefix_modes='[recompute,update_cache,rollout]'   (issue 15: LIBERO's prefix)
 
 What is measured, all through the package's own code:
 - rollout: ``FlowRLPolicy.sample`` on ``observations`` preprocessed observations (one 224 px camera,
@@ -22,8 +22,10 @@ What is measured, all through the package's own code:
 - ``--shape=libero``: LeRobot's LIBERO inputs, two 224 px cameras and a 48-token prompt (π0's
   ``tokenizer_max_length``), 560 prefix tokens; the tiny models then resize cameras to 256 px, so that
   their 16 px patches give π0's 256 tokens per camera. The critic is each policy type's default (π0:
-  expert features). ``--update_epochs`` (reference: 4) and ``--prefix_cache_gibs`` (0 = recompute the
-  prefix every epoch) set the update; its cost per sample is per sample and epoch.
+  expert features). ``--update_epochs`` (reference: 4) and ``--prefix_modes`` set the update: the
+  prefix recomputed in every epoch (``recompute``), computed in the first and reused (``update_cache``),
+  or kept from the rollout (``rollout``, the trainer's default when it fits); the update's cost per
+  sample is per sample and epoch.
 
 Full scale builds π0 at its real widths with random weights (timings do not depend on their values):
 PaliGemma 2B + Gemma 300M expert, chunk 50, LeRobot's ``dtype="bfloat16"``. ``precision=mixed``
@@ -47,6 +49,7 @@ import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 
+from lerobot_pirl.adapters.prefix_cache import keep_context
 from lerobot_pirl.adapters.registry import make_adapter
 from lerobot_pirl.algorithms.config import PPOConfig
 from lerobot_pirl.algorithms.samples import UpdateSamples
@@ -54,6 +57,8 @@ from lerobot_pirl.algorithms.update import make_optimizer, policy_update
 from lerobot_pirl.rl_policy import FlowRLPolicy
 
 PRECISIONS = ("float32", "bfloat16", "mixed")
+PREFIX_MODES = ("recompute", "update_cache", "rollout")
+UPDATE_CACHE_GIB = {"recompute": 0.0, "update_cache": 64.0, "rollout": 0.0}  # --algorithm.prefix_cache_gib
 PALIGEMMA_VOCAB = 257_152  # the real pi0/pi05 vocabulary (token ids are drawn from it)
 
 
@@ -75,7 +80,7 @@ class VLAGPUConfig:
     tiny_image_resolution: int | None = None
     tiny_tokenizer_max_length: int | None = None
     update_epochs: int = 1  # epochs over the samples per timed update (reference: 4)
-    prefix_cache_gibs: list[float] = field(default_factory=lambda: [0.0])  # --algorithm.prefix_cache_gib
+    prefix_modes: list[str] = field(default_factory=lambda: ["recompute"])  # recompute|update_cache|rollout
     micro_batch_sizes: list[int] = field(default_factory=lambda: [16, 32])
     variants: list[str] = field(default_factory=lambda: ["expert", "lora16"])  # "lora<rank>"
     explorations: list[str] = field(default_factory=lambda: ["flow_sde", "flow_noise"])
@@ -110,6 +115,9 @@ class VLAGPUConfig:
             self.tiny_tokenizer_max_length = 48
         if self.interleave is None:
             self.interleave = not self.device.startswith("cuda")
+        unknown = set(self.prefix_modes) - set(PREFIX_MODES)
+        if unknown:
+            raise ValueError(f"--prefix_modes must be among {PREFIX_MODES}, got {sorted(unknown)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}")
 
@@ -267,13 +275,14 @@ def measure_rollout(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, batch) -> dict:
     return {"decisions_per_s": cfg.observations / seconds, "ms_per_call": 1e3 * seconds, **memory}
 
 
-def update_samples(rl_policy: FlowRLPolicy, batch) -> UpdateSamples:
-    """A rollout's samples: chains and log-probs drawn by the policy itself, random advantages."""
+def update_samples(rl_policy: FlowRLPolicy, batch) -> dict[str, UpdateSamples]:
+    """A rollout's samples per prefix mode: chains and log-probs drawn by the policy itself, random
+    advantages; for "rollout" with the context the rollout kept (as the trainer's collector keeps it)."""
     rl_policy.eval()
-    sample = rl_policy.sample(batch, rl_policy.exploration, generator=None)
+    sample = rl_policy.sample(batch, rl_policy.exploration, generator=None, keep_context=True)
     n = sample.logprob.shape[0]
     generator = torch.Generator().manual_seed(1)
-    return UpdateSamples(
+    plain = UpdateSamples(
         observations=dict(batch),
         chains=sample.chain,
         step_index=sample.step_index,
@@ -282,15 +291,17 @@ def update_samples(rl_policy: FlowRLPolicy, batch) -> UpdateSamples:
         advantages=torch.randn(n, generator=generator).to(sample.logprob.device),
         returns=torch.randn(n, generator=generator).to(sample.logprob.device),
     )
+    kept = plain.replace(observations={**batch, **keep_context(rl_policy.adapter, sample.context)})
+    return {"recompute": plain, "update_cache": plain, "rollout": kept}
 
 
-def update_config(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples, micro: int, cache_gib: float):
+def update_config(cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples, micro: int, mode: str):
     return PPOConfig(
         exploration=rl_policy.exploration,
         update_epochs=cfg.update_epochs,
         minibatch_size=len(samples),
         micro_batch_size=micro,
-        prefix_cache_gib=cache_gib,
+        prefix_cache_gib=UPDATE_CACHE_GIB[mode],
     ).resolved(rl_policy.policy_type)
 
 
@@ -313,9 +324,9 @@ def per_sample(seconds: float, num_samples: int, epochs: int, metrics: dict) -> 
 
 
 def measure_update(
-    cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSamples, micro: int, cache_gib: float
+    cfg: VLAGPUConfig, rl_policy: FlowRLPolicy, samples: UpdateSamples, micro: int, mode: str
 ) -> dict:
-    algorithm = update_config(cfg, rl_policy, samples, micro, cache_gib)
+    algorithm = update_config(cfg, rl_policy, samples, micro, mode)
     optimizer = make_optimizer(rl_policy, algorithm)
     metrics: dict = {}
     update = functools.partial(policy_update, rl_policy, optimizer, samples, algorithm, cfg.device)
@@ -333,16 +344,16 @@ def measure_updates_interleaved(
     rl_policies: dict[str, FlowRLPolicy],
     samples: dict[str, UpdateSamples],
     micro: int,
-    cache_gib: float,
+    mode: str,
 ) -> dict[str, dict]:
     """`measure_update` for every exploration at once, their calls alternating (CPU; no memory figures)."""
     updates, optimizers, metrics = {}, [], {exploration: {} for exploration in rl_policies}
     for exploration, rl_policy in rl_policies.items():
-        algorithm = update_config(cfg, rl_policy, samples[exploration], micro, cache_gib)
+        algorithm = update_config(cfg, rl_policy, samples[exploration][mode], micro, mode)
         optimizers.append(make_optimizer(rl_policy, algorithm))
         updates[exploration] = recording(
             functools.partial(
-                policy_update, rl_policy, optimizers[-1], samples[exploration], algorithm, cfg.device
+                policy_update, rl_policy, optimizers[-1], samples[exploration][mode], algorithm, cfg.device
             ),
             metrics[exploration],
         )
@@ -366,7 +377,7 @@ def measure_updates_interleaved(
     results = {}
     for exploration, seconds in times.items():
         median = sorted(seconds)[len(seconds) // 2]
-        n = len(samples[exploration])
+        n = len(samples[exploration][mode])
         results[exploration] = per_sample(median, n, cfg.update_epochs, metrics[exploration])
     return results
 
@@ -421,13 +432,13 @@ def sde_vs_noise(rows: list[dict], num_steps: int) -> list[dict]:
     """Flow-SDE / Flow-Noise update cost per sample, per (policy, variant, micro-batch, prefix cache);
     target 1.5/K."""
     updates = {
-        (r["policy"], r["variant"], r["micro_batch"], r.get("prefix_cache_gib", 0.0), r["exploration"]): r
+        (r["policy"], r["variant"], r["micro_batch"], r.get("prefix", "recompute"), r["exploration"]): r
         for r in rows
         if r["kind"] == "update" and "ms_per_sample" in r
     }
     summary = []
-    for (policy, variant, micro, cache_gib, exploration), sde in updates.items():
-        noise = updates.get((policy, variant, micro, cache_gib, "flow_noise"))
+    for (policy, variant, micro, prefix, exploration), sde in updates.items():
+        noise = updates.get((policy, variant, micro, prefix, "flow_noise"))
         if exploration != "flow_sde" or noise is None:
             continue
         ratio = sde["ms_per_sample"] / noise["ms_per_sample"]
@@ -436,7 +447,7 @@ def sde_vs_noise(rows: list[dict], num_steps: int) -> list[dict]:
                 "policy": policy,
                 "variant": variant,
                 "micro_batch": micro,
-                "prefix_cache_gib": cache_gib,
+                "prefix": prefix,
                 "prefix_passes_per_sample": sde.get("prefix_passes_per_sample"),
                 "sde_ms_per_sample": sde["ms_per_sample"],
                 "noise_ms_per_sample": noise["ms_per_sample"],
@@ -478,27 +489,25 @@ def measure_variant(cfg: VLAGPUConfig, policy_type: str, policy, batch, variant:
         samples[exploration] = update_samples(rl_policy, batch)
         if cfg.interleave:
             continue
-        for micro, cache_gib in itertools.product(cfg.micro_batch_sizes, cfg.prefix_cache_gibs):
+        for micro, mode in itertools.product(cfg.micro_batch_sizes, cfg.prefix_modes):
             row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
-            row |= {"prefix_cache_gib": cache_gib, "weights_gib": allocated_gib(cfg.device)}
-            measure = functools.partial(
-                measure_update, cfg, rl_policy, samples[exploration], micro, cache_gib
-            )
-            recorder.run(row, measure)
+            row |= {"prefix": mode, "weights_gib": allocated_gib(cfg.device)}
+            sampled = samples[exploration][mode]
+            recorder.run(row, functools.partial(measure_update, cfg, rl_policy, sampled, micro, mode))
         samples.pop(exploration)
         free_memory(cfg.device)
     if cfg.interleave:
-        for micro, cache_gib in itertools.product(cfg.micro_batch_sizes, cfg.prefix_cache_gibs):
+        for micro, mode in itertools.product(cfg.micro_batch_sizes, cfg.prefix_modes):
             results: dict[str, dict] = {}
             error: Exception | None = None
             if recorder.time_left():
                 try:
-                    results = measure_updates_interleaved(cfg, rl_policies, samples, micro, cache_gib)
+                    results = measure_updates_interleaved(cfg, rl_policies, samples, micro, mode)
                 except Exception as caught:  # recorded on each row below
                     error = caught
             for exploration in rl_policies:
                 row = {"kind": "update", **common, "exploration": exploration, "micro_batch": micro}
-                row["prefix_cache_gib"] = cache_gib
+                row["prefix"] = mode
                 measured = functools.partial(interleaved_result, results, exploration, error)
                 recorder.run(row, measured, check_time=not results and error is None)
     return upcast
@@ -538,7 +547,7 @@ def main(cfg: VLAGPUConfig) -> None:
     for policy_type in cfg.policies:
         measure_policy(cfg, policy_type, recorder)
 
-    columns = ["kind", "policy", "variant", "exploration", "micro_batch", "prefix_cache_gib"]
+    columns = ["kind", "policy", "variant", "exploration", "micro_batch", "prefix"]
     columns += ["decisions_per_s", "samples_per_s", "ms_per_sample", "prefix_passes_per_sample"]
     columns += ["weights_gib", "peak_gib"]
     print("\n" + " | ".join(columns))
@@ -549,7 +558,7 @@ def main(cfg: VLAGPUConfig) -> None:
     for entry in sde_vs_noise(recorder.rows, cfg.num_steps):
         print(
             f"  {entry['policy']} {entry['variant']} micro {entry['micro_batch']} "
-            f"prefix cache {entry['prefix_cache_gib']:g} GiB: "
+            f"prefix {entry['prefix']}: "
             f"{entry['sde_ms_per_sample']:.3g} / {entry['noise_ms_per_sample']:.3g} ms "
             f"= {entry['ratio']:.3f} "
             f"(target {entry['target']:.3f}: {'met' if entry['meets_target'] else 'NOT met'})"
