@@ -163,6 +163,9 @@ def test_with_rename_map_both_cameras_reach_the_model_and_the_output_reads_the_e
 
     # Rollout, update and evaluation all saw two real cameras.
     assert camera_masks and all(masks.shape[1] == 2 and bool(masks.all()) for masks in camera_masks)
+    # The update read the prefix the rollout kept: no prefix pass of its own.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["update/num_samples"] > 0 and rows[-1]["update/prefix_passes"] == 0
     saved = out / "checkpoints" / "last" / "pretrained_model"
     config = json.loads((saved / "config.json").read_text())
     cameras = [key for key, feature in config["input_features"].items() if feature["type"] == "VISUAL"]
