@@ -144,10 +144,8 @@ class PrefixCache:
         return cls(adapter, num_samples, budget_gib)
 
     def context(self, indices: Tensor, observations: dict[str, Tensor]) -> tuple[FlowContext, int]:
-        """The context of samples `indices` (B,) of the update, and how many of them ran the prefix."""
-        kept = kept_context(self.adapter, observations)
-        if kept is not None:
-            return kept, 0
+        """The context of samples `indices` (B,) of the update, and how many of them ran the prefix
+        (a context the rollout kept is read by the update before it asks here)."""
         if self.filled is not None and bool(self.filled[indices].all()):
             rows = indices.to(self.filled.device)
             return self.layout.context({name: stored[rows] for name, stored in self.store.items()}), 0
