@@ -254,6 +254,8 @@ def test_save_and_load_reproduce_actions_and_processors_round_trip(tmp_path):
         ({"n_obs_steps": 2}, "n_obs_steps"),
         ({"time_embed_dim": 31}, "time_embed_dim"),
         ({"observation_clip": 0.0}, "observation_clip"),
+        ({"task_vocabulary": []}, "task_vocabulary must list non-empty instructions"),
+        ({"task_vocabulary": ["Open a door", "Open a door"]}, "lists 'Open a door' more than once"),
     ],
 )
 def test_config_rejects_inconsistent_values(overrides, message):
@@ -362,3 +364,49 @@ def test_lerobot_train_cli_trains_flow_mlp_and_writes_a_loadable_checkpoint(tiny
     )
     action = postprocessor(policy.select_action(batch))  # (1, A), unnormalised
     assert action.shape == (1, ACTION_DIM) and torch.isfinite(action).all()
+
+
+TASKS = ["Reach a goal position", "Push the puck to a goal", "Open a drawer"]
+
+
+def test_a_multi_task_policy_reads_its_task_through_the_saved_preprocessor(tmp_path):
+    """Issue 14: the task step maps each observation's instruction to its vocabulary index; LeRobot's
+    factory (lerobot-eval's path) rebuilds it from the saved files; the task changes the action."""
+    torch.manual_seed(0)
+    config = make_config(task_vocabulary=TASKS, task_embed_dim=8)
+    policy = FlowMLPPolicy(config).eval()
+    stats = {
+        "observation.state": {"mean": torch.zeros(STATE_DIM), "std": torch.ones(STATE_DIM)},
+        "action": {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)},
+    }
+    preprocessor, postprocessor = make_flow_mlp_pre_post_processors(config, dataset_stats=stats)
+    state = torch.ones(3, STATE_DIM)
+    batch = preprocessor({"observation.state": state, "task": [TASKS[2], TASKS[0], TASKS[2]]})
+    assert batch["observation.task_index"].tolist() == [2, 0, 2]
+    noise = torch.randn(1, CHUNK_SIZE, ACTION_DIM).expand(3, -1, -1)
+    chunk = policy.predict_action_chunk(batch, noise=noise)  # (3, H, A): same state and noise
+    assert torch.equal(chunk[0], chunk[2]) and not torch.allclose(chunk[0], chunk[1])
+
+    for part in (policy, preprocessor, postprocessor):
+        part.save_pretrained(tmp_path)
+    loaded = FlowMLPPolicy.from_pretrained(tmp_path).eval()
+    assert loaded.config.task_vocabulary == TASKS
+    loaded_pre, _ = make_pre_post_processors(loaded.config, pretrained_path=str(tmp_path))
+    one = loaded_pre({"observation.state": state[0], "task": TASKS[0]})  # an env observation: no batch dim
+    assert one["observation.task_index"].tolist() == [0]
+    torch.testing.assert_close(loaded.predict_action_chunk(one, noise=noise[:1]), chunk[1:2])
+
+    with pytest.raises(ValueError, match="task 'Fly to the moon' is not one this policy was trained on"):
+        loaded_pre({"observation.state": state[0], "task": "Fly to the moon"})
+    with pytest.raises(KeyError, match="observation.task_index"):
+        loaded.predict_action_chunk({"observation.state": state})
+
+
+def test_a_single_task_checkpoint_has_no_task_step_and_no_task_input(tmp_path):
+    config = make_config()
+    policy = FlowMLPPolicy(config)
+    preprocessor, _ = make_flow_mlp_pre_post_processors(config)
+    assert policy.model.task_embedding is None
+    assert "flow_mlp_task_index" not in json.dumps(preprocessor.get_config())
+    batch = preprocessor({"observation.state": torch.zeros(STATE_DIM), "task": "anything"})
+    assert "observation.task_index" not in batch

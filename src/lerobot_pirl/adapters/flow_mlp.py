@@ -41,5 +41,5 @@ class FlowMLPAdapter(FlowAdapter):
 
     def trunk_parameters(self) -> list[nn.Parameter]:
         model = self.policy.model
-        encoders = [model.observation_encoder, model.image_encoder]
+        encoders = [model.observation_encoder, model.image_encoder, model.task_embedding]
         return [p for module in encoders if module is not None for p in module.parameters()]

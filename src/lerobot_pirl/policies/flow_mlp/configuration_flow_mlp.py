@@ -12,6 +12,10 @@ from lerobot.configs import NormalizationMode, PolicyFeature, PreTrainedConfig
 from lerobot.optim import AdamWConfig
 from lerobot.utils.constants import OBS_IMAGE
 
+# The index of each observation's task in `task_vocabulary`, added by the preprocessor's task step: a
+# tensor, so that stored rollouts carry it into the update as they carry every other input.
+OBS_TASK_INDEX = "observation.task_index"
+
 
 @PreTrainedConfig.register_subclass("flow_mlp")
 @dataclass
@@ -61,6 +65,11 @@ class FlowMLPConfig(PreTrainedConfig):
     num_layers: int = 3  # hidden layers of the velocity MLP
     time_embed_dim: int = 64
 
+    # Task conditioning of a multi-task policy: the task instructions (the `task` text of each observation)
+    # it was trained on, each with a learned embedding of task_embed_dim. None: one task, no task input.
+    task_vocabulary: list[str] | None = None
+    task_embed_dim: int = 32
+
     # Vision: one small image through a small strided CNN (ignored if use_image is False).
     use_image: bool = True
     image_key: str | None = None  # None: "observation.image" if present, else the first visual feature
@@ -98,6 +107,16 @@ class FlowMLPConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.observation_clip is not None and self.observation_clip <= 0:
             raise ValueError(f"observation_clip must be > 0 or None, got {self.observation_clip}.")
+        if self.task_vocabulary is not None:
+            if not self.task_vocabulary or any(not str(task).strip() for task in self.task_vocabulary):
+                raise ValueError(
+                    f"task_vocabulary must list non-empty instructions, got {self.task_vocabulary}."
+                )
+            repeated = sorted({t for t in self.task_vocabulary if self.task_vocabulary.count(t) > 1})
+            if repeated:
+                raise ValueError(f"task_vocabulary lists {repeated[0]!r} more than once.")
+            if self.task_embed_dim < 1:
+                raise ValueError(f"task_embed_dim must be >= 1, got {self.task_embed_dim}.")
         if not self.image_conv_channels:
             raise ValueError("image_conv_channels must name at least one conv layer.")
         if min(self.time_sampling_beta_alpha, self.time_sampling_beta_beta, self.time_sampling_scale) <= 0:

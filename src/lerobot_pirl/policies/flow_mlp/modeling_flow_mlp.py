@@ -5,6 +5,7 @@ Shape legend
     H  chunk_size, actions per predicted chunk
     A  action dim (the real one: flow_mlp pads nothing, so A = D)
     S  observation vector width (observation.state and observation.environment_state, concatenated)
+    E  task_embed_dim (multi-task policies only)
     F  feature_dim, width of the encoded observation
     W  hidden_dim, width of the velocity MLP's hidden layers
     T  time_embed_dim
@@ -28,7 +29,7 @@ from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_STATE
 from torch import Tensor, nn
 
-from .configuration_flow_mlp import FlowMLPConfig
+from .configuration_flow_mlp import OBS_TASK_INDEX, FlowMLPConfig
 
 
 def make_mlp(widths: list[int], final_activation: bool) -> nn.Sequential:
@@ -88,9 +89,13 @@ class FlowMLPModel(nn.Module):
         self.image_key: str | None = image[0] if image is not None else None
         self.image_encoder = FlowMLPImageEncoder(image[1].shape, config) if image is not None else None
         image_width = config.image_feature_dim if image is not None else 0
+        # A multi-task policy tells its tasks apart by a learned embedding of the task's instruction.
+        vocabulary = config.task_vocabulary
+        self.task_embedding = nn.Embedding(len(vocabulary), config.task_embed_dim) if vocabulary else None
+        task_width = config.task_embed_dim if vocabulary else 0
 
         self.observation_encoder = make_mlp(
-            [vector_width + image_width]
+            [vector_width + image_width + task_width]
             + [config.hidden_dim] * (config.encoder_num_layers - 1)
             + [self.feature_dim],
             final_activation=False,
@@ -112,6 +117,13 @@ class FlowMLPModel(nn.Module):
             parts.append(
                 self.image_encoder(batch[self.image_key].to(torch.float32))
             )  # (B, image_feature_dim)
+        if self.task_embedding is not None:
+            if OBS_TASK_INDEX not in batch:
+                raise KeyError(
+                    f"this multi-task flow_mlp reads {OBS_TASK_INDEX}, which its preprocessor's task step "
+                    "adds from each observation's `task` text; run the batch through the saved preprocessor"
+                )
+            parts.append(self.task_embedding(batch[OBS_TASK_INDEX].reshape(-1)))  # (B, E)
         return self.observation_encoder(torch.cat(parts, dim=-1))  # (B, F)
 
     def embed_time(self, t: Tensor) -> Tensor:
