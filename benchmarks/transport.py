@@ -79,6 +79,7 @@ def rollout_of_size(size_mb: float, version: int = 0) -> tuple[RolloutMessage, R
         episode_success=torch.zeros(N, dtype=torch.bool),
         episode_lengths=torch.full((N,), T * 5),
         episode_done=torch.zeros(N, dtype=torch.bool),
+        episode_task=torch.zeros(N, dtype=torch.int64),
         env_steps=T * N * 5,
     )
     spec = RolloutSpec(N, K, H, A, 1, {OBS_KEY: ((pixels,), torch.float32)})

@@ -55,6 +55,7 @@ def toy_rollout(policy: FlowRLPolicy, rewards: torch.Tensor, seed: int = 0) -> R
         episode_success=rewards.sum(0) > 0,
         episode_lengths=torch.full((N,), T * 2),
         episode_done=torch.ones(N, dtype=torch.bool),
+        episode_task=torch.zeros(N, dtype=torch.int64),
     )
 
 
@@ -248,6 +249,7 @@ def episodes_batch(lengths: list[int], returns: list[float]) -> RolloutBatch:
         episode_success=torch.tensor(returns) > 0,
         episode_lengths=torch.tensor(lengths) * 4,
         episode_done=torch.ones(num_envs, dtype=torch.bool),
+        episode_task=torch.zeros(num_envs, dtype=torch.int64),
     )
 
 

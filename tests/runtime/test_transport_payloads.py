@@ -74,6 +74,7 @@ def make_batch(seed: int = 0) -> RolloutBatch:
         episode_success=torch.tensor([True, False, False]),
         episode_lengths=torch.tensor([8, 12, 4]),
         episode_done=torch.tensor([True, False, False]),
+        episode_task=torch.zeros(3, dtype=torch.int64),
         env_steps=24,
         extras={"note": 1.5},
     )

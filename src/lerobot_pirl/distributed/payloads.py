@@ -298,6 +298,8 @@ def _check_structure(batch: RolloutBatch, index: int) -> None:
         raise PayloadError(MALFORMED, f"{where}: episode_index out of range")
     if bool((batch.episode_lengths < 0).any()):
         raise PayloadError(MALFORMED, f"{where}: negative episode length")
+    if bool((batch.episode_task < 0).any()):
+        raise PayloadError(MALFORMED, f"{where}: negative episode task")
     outside = f"NaN, inf or a magnitude above {MAX_ROLLOUT_MAGNITUDE:g}"
     for name in ("chains", "logprobs", "values", "rewards", "next_values", "episode_returns"):
         if not within_magnitude(getattr(batch, name)):

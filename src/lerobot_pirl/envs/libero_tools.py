@@ -213,6 +213,12 @@ class _LiberoVectorEnvBuilder:
         return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
+def libero_vector_env_builder(fast_render: bool = False, worker_env_cls=None):
+    """The vector env `make_libero_envs` would build over LeRobot's LIBERO env factories (in-process,
+    or stepped by env workers), for factories gathered across tasks."""
+    return _LiberoVectorEnvBuilder(False, fast_render, worker_env_cls)
+
+
 def make_libero_envs(
     env_cfg: LiberoEnvConfig,
     n_envs: int,
@@ -220,12 +226,14 @@ def make_libero_envs(
     *,
     fast_render: bool = False,
     worker_env_cls=None,
+    env_cls=None,
 ) -> dict[str, dict[int, Any]]:
     """LeRobot's LIBERO vector envs, `{suite: {task_id: vector_env}}`, for rollouts.
 
     The same envs and vector-env types as `env_cfg.create_envs(n_envs, use_async_envs)`, each sub-env
     wrapped in `LiberoRolloutEnv` (reproducible resets; fast rendering when asked). Fast rendering is
-    off by default because it changes what pretrained policies see.
+    off by default because it changes what pretrained policies see. `env_cls` replaces that vector env
+    by what it makes of LeRobot's factories (`list`: the factories themselves, unwrapped).
     """
     if env_cfg.task is None:
         raise ValueError("LiberoEnv requires a task to be specified")
@@ -236,7 +244,7 @@ def make_libero_envs(
         camera_name=env_cfg.camera_name,
         init_states=env_cfg.init_states,
         gym_kwargs=env_cfg.gym_kwargs,
-        env_cls=_LiberoVectorEnvBuilder(use_async_envs, fast_render, worker_env_cls),
+        env_cls=env_cls or _LiberoVectorEnvBuilder(use_async_envs, fast_render, worker_env_cls),
         control_mode=env_cfg.control_mode,
         episode_length=env_cfg.episode_length,
         camera_name_mapping=env_cfg.camera_name_mapping,

@@ -41,6 +41,7 @@ class RolloutBatch:
     episode_success: Tensor = _per("episode", torch.bool)
     episode_lengths: Tensor = _per("episode", torch.int64)  # env steps
     episode_done: Tensor = _per("episode", torch.bool)  # the episode finished inside this rollout
+    episode_task: Tensor = _per("episode", torch.int64)  # the episode's task, into the run's TaskSet
     env_steps: int = 0  # env steps taken by the rollout (all envs, masked ones excluded)
     extras: dict[str, float] = field(default_factory=dict)
 

@@ -15,6 +15,11 @@ terminal transition (reward 0) instead of running stale actions in a new episode
 boundary the finished sub-envs are reset explicitly. The frozen observation is the episode's final
 observation, whose value bootstraps a time-limit truncation.
 
+A multi-task env (`TaskSet.by_seed`) plays, in each episode, the task its reset seed picks
+(`suite_task_of_seed`); the collector hands out consecutive seeds, so over an iteration every task starts
+an equal share of episodes (within one), and knows each sub-env's task from its seed without asking the
+env: the task text the policy reads and the task each episode is counted under.
+
 In the continuous (PPO) mode a finished sub-env sits out the next decision (its row is masked) and is
 reset right after that decision's chunk, in its env worker when there are workers. The reset then runs
 while the policy computes and the other envs step, instead of every env waiting for it (issue 13: one
@@ -36,6 +41,7 @@ from lerobot.utils.constants import ACTION
 from torch import Tensor
 
 from lerobot_pirl.adapters.prefix_cache import KEPT_PREFIX, can_cache, context_gib, keep_context
+from lerobot_pirl.envs.metaworld_state import suite_task_of_seed
 from lerobot_pirl.rl_policy import FlowRLPolicy, SampleMode
 from lerobot_pirl.rollout.batch import PER_DECISION_DTYPES, RolloutBatch, compact_observation
 from lerobot_pirl.rollout.chunks import ChunkOutcome, RewardRules, render_frames, reset_envs, run_chunk
@@ -74,6 +80,25 @@ def freeze_finished_episodes(vec_env: gym.vector.VectorEnv) -> gym.vector.Vector
     return vec_env
 
 
+@dataclass(frozen=True)
+class TaskSet:
+    """The tasks of a run's env, in the order metrics and the policy's task vocabulary index them.
+
+    names: labels of the metrics (`eval/<name>/success_rate`), e.g. "push-v3".
+    descriptions: the instruction of each task, what the policy reads as `task`.
+    by_seed: every sub-env plays each episode's task from its reset seed (`suite_task_of_seed`); False:
+        each sub-env keeps the one task it was built with (a single-task run).
+    """
+
+    names: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    by_seed: bool = False
+
+    def __post_init__(self):
+        if not self.names or len(self.names) != len(self.descriptions):
+            raise ValueError(f"a TaskSet needs one description per task name, got {self}")
+
+
 @dataclass
 class EpisodeStats:
     """Per-episode accumulators of one rollout, indexed by the episode's slot."""
@@ -82,12 +107,14 @@ class EpisodeStats:
     success: list[bool] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     done: list[bool] = field(default_factory=list)
+    tasks: list[int] = field(default_factory=list)  # into TaskSet.names
 
-    def start(self, returns: float = 0.0, success: bool = False, length: int = 0) -> int:
+    def start(self, returns: float = 0.0, success: bool = False, length: int = 0, task: int = 0) -> int:
         self.returns.append(returns)
         self.success.append(success)
         self.lengths.append(length)
         self.done.append(False)
+        self.tasks.append(int(task))
         return len(self.returns) - 1
 
 
@@ -108,6 +135,8 @@ class ChunkCollector:
         keep_prefix_gib: > 0 keeps each decision's encoded observation (a VLA's frozen prefix) with the
             stored observation, on `device`, when a rollout's fit this many GiB; the update then reads it
             instead of running the prefix again (`adapters.prefix_cache`).
+        task_set: the env's tasks (None: one task, whatever the envs call it).
+        env_tasks: (N,) the task each env keeps, into `task_set` (a fixed-task mixture, not by seed).
     """
 
     def __init__(
@@ -126,6 +155,8 @@ class ChunkCollector:
         end_on_success: bool = True,
         seed: int = 0,
         keep_prefix_gib: float = 0.0,
+        task_set: TaskSet | None = None,
+        env_tasks: list[int] | None = None,
     ):
         self.vec_env = freeze_finished_episodes(vec_env)
         self.keep_prefix_gib = keep_prefix_gib if can_cache(policy.adapter) else 0.0
@@ -139,7 +170,16 @@ class ChunkCollector:
         self.storage_device = torch.device(storage_device)
         self.rules = RewardRules(sparse_reward, reward_scale, end_on_success)
         self.next_seed = seed
-        self.tasks = self._task_descriptions()
+        self.task_set = task_set
+        self.env_tasks = np.zeros(self.num_envs, dtype=np.int64)  # (N,) each env's task, into task_set
+        if env_tasks is not None:
+            if len(env_tasks) != self.num_envs:
+                raise ValueError(f"need one task per env ({self.num_envs}), got {len(env_tasks)}")
+            self.env_tasks[:] = env_tasks
+        if task_set is not None and task_set.by_seed:
+            self.tasks = [task_set.descriptions[0]] * self.num_envs  # set per env at its first reset
+        else:
+            self.tasks = self._task_descriptions()  # the instruction each env's policy input carries
         self._observation: dict | None = None  # raw vector-env observation of the continuous mode
         self._carry: list[tuple[float, bool, int] | None] = []  # running episodes (return, success, length)
         self._pending_seeds: list[int | None] = [None] * self.num_envs  # resets due after the next chunk
@@ -167,7 +207,20 @@ class ChunkCollector:
 
     def reset(self, seeds: list[int] | None = None, mask: np.ndarray | None = None) -> dict:
         """Reset all sub-envs, or those in `mask`, starting genuinely new episodes."""
-        return reset_envs(self.vec_env, seeds, mask)
+        observation = reset_envs(self.vec_env, seeds, mask)
+        if seeds is not None:
+            self._follow_task_seeds([s if mask is None or mask[i] else None for i, s in enumerate(seeds)])
+        return observation
+
+    def _follow_task_seeds(self, seeds: list[int | None]) -> None:
+        """Record the task each env reset with a seed in `seeds` (None: not reset) plays now."""
+        if self.task_set is None or not self.task_set.by_seed:
+            return
+        num_tasks = len(self.task_set.names)
+        for env, seed in enumerate(seeds):
+            if seed is not None:
+                self.env_tasks[env] = suite_task_of_seed(seed, num_tasks)
+                self.tasks[env] = self.task_set.descriptions[self.env_tasks[env]]
 
     def policy_inputs(self, observation: dict) -> dict[str, Tensor]:
         """Raw vector-env observation -> the policy's preprocessed batch (LeRobot's eval path)."""
@@ -223,7 +276,10 @@ class ChunkCollector:
             self._pending_seeds = [None] * self.num_envs
         stats = EpisodeStats()
         # An env whose reset is still pending has no running episode until that reset is done.
-        slot = np.array([-1 if c is None else stats.start(*c) for c in self._carry], dtype=np.int64)
+        slot = np.array(
+            [-1 if c is None else stats.start(*c, task=self.env_tasks[i]) for i, c in enumerate(self._carry)],
+            dtype=np.int64,
+        )
         batch = self._rollout(num_decisions, mode, stats, slot, continuous=True)
         self._carry = [
             None if i < 0 else (stats.returns[i], stats.success[i], stats.lengths[i]) for i in slot
@@ -264,7 +320,7 @@ class ChunkCollector:
         if not self.recorded_frames:
             self.recorded_envs = []
         stats = EpisodeStats()
-        slot = np.array([stats.start() for _ in range(self.num_envs)], dtype=np.int64)
+        slot = np.array([stats.start(task=task) for task in self.env_tasks], dtype=np.int64)
         if max_decisions is None:
             max_steps = int(np.max(self.vec_env.call("_max_episode_steps")))
             max_decisions = -(-max_steps // self.policy.n_action_steps) + 1
@@ -322,6 +378,8 @@ class ChunkCollector:
             self._observation, outcome = self._run_chunk(
                 self.to_env_actions(sample.actions), active, succeeded, reset_seeds, record
             )
+            if reset_seeds is not None:
+                self._follow_task_seeds(reset_seeds)
             if record:
                 if outcome.frames is None:
                     self.recorded_frames, self.recorded_envs, record = [], [], None  # no videos
@@ -364,7 +422,7 @@ class ChunkCollector:
             if continuous:
                 for env, seed in enumerate(reset_seeds):
                     if seed is not None:  # reset after this chunk: its new episode starts now
-                        slot[env] = stats.start()
+                        slot[env] = stats.start(task=self.env_tasks[env])
                 finished_envs = np.flatnonzero(finished)
                 for env, seed in zip(finished_envs, self.take_seeds(len(finished_envs)), strict=True):
                     self._pending_seeds[env] = seed
@@ -392,6 +450,7 @@ class ChunkCollector:
             episode_success=torch.tensor(stats.success, dtype=torch.bool),
             episode_lengths=torch.tensor(stats.lengths, dtype=torch.int64),
             episode_done=torch.tensor(stats.done, dtype=torch.bool),
+            episode_task=torch.tensor(stats.tasks, dtype=torch.int64),
             env_steps=env_steps,
         )
 

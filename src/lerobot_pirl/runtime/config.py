@@ -334,7 +334,10 @@ class TrainConfig:
             )
         if not self.job_name:
             policy_name = self.policy.type if self.policy is not None else "flow_mlp"
-            self.job_name = f"{self.env.type}_{self.env.task}_{policy_name}_{self.algorithm.type}"
+            task = str(self.env.task)
+            if "," in task:  # a task list: its size, not a folder name of commas
+                task = f"{len([t for t in task.split(',') if t.strip()])}tasks"
+            self.job_name = f"{self.env.type}_{task}_{policy_name}_{self.algorithm.type}"
         if self.output_dir is None:
             if self.resume:
                 raise ConfigError("--resume=true needs the --output_dir of the run to continue")

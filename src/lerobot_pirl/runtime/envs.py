@@ -25,14 +25,17 @@ import copy
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from functools import lru_cache
 
 import gymnasium as gym
+import numpy as np
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.envs.factory import make_env
 from lerobot.envs.utils import env_to_policy_features
 
+from lerobot_pirl.rollout.collector import TaskSet
 from lerobot_pirl.rollout.workers import ShardedVectorEnvBuilder
 from lerobot_pirl.runtime.config import ConfigError
 from lerobot_pirl_launch.forkserver import ENV_PRELOAD, start_forkserver
@@ -134,11 +137,18 @@ def make_rollout_envs(
     *,
     fast_render: bool = False,
     num_workers: int = 0,
+    env_tasks: list[int] | None = None,
 ) -> dict:
-    """LeRobot's {suite: {task_id: vec_env}} for `env_cfg`; `num_workers` > 0: stepped by env workers."""
+    """LeRobot's {suite: {task_id: vec_env}} for `env_cfg`; `num_workers` > 0: stepped by env workers.
+
+    `env_tasks` (N,): a multi-task LIBERO or LeRobot metaworld config becomes one vector env whose sub-env
+    i plays task `env_tasks[i]` (an index into `env_task_set(env_cfg).names`), built by LeRobot's own env
+    factories: `{label: {0: vec_env}}`."""
     if num_workers > 0 and use_async_envs:
         raise ConfigError("env workers and --rollout.use_async_envs=true exclude each other; choose one")
     worker_env_cls = _worker_env_cls(env_cfg, num_workers) if num_workers > 0 else None
+    if env_tasks is not None:
+        return _task_mixture(env_cfg, env_tasks, use_async_envs, fast_render, worker_env_cls)
     if is_libero(env_cfg):
         if env_cfg.hard_reset:
             logger.warning(
@@ -150,14 +160,50 @@ def make_rollout_envs(
         )
     if fast_render:
         raise ValueError(f"--rollout.fast_render is not available for --env.type={env_cfg.type}")
+    if env_cfg.type == METAWORLD_STATE_ENV_TYPE:
+        # A multi-task config trains in one vector env whose sub-envs play every task (TaskSet.by_seed).
+        return env_cfg.create_envs(num_envs, use_async_envs, env_cls=worker_env_cls, mixed_tasks=True)
     if worker_env_cls is None:
         return make_env(env_cfg, n_envs=num_envs, use_async_envs=use_async_envs)
-    if env_cfg.type == METAWORLD_STATE_ENV_TYPE:
-        return env_cfg.create_envs(num_envs, env_cls=worker_env_cls)
     from lerobot.envs.metaworld import create_metaworld_envs
 
     # The same arguments LeRobot's MetaworldEnv.create_envs passes; only env_cls differs.
     return create_metaworld_envs(env_cfg.task, num_envs, env_cfg.gym_kwargs, env_cls=worker_env_cls)
+
+
+def _task_mixture(
+    env_cfg: EnvConfig, env_tasks: list[int], use_async_envs: bool, fast_render: bool, worker_env_cls
+):
+    """One vector env over LeRobot's per-task env factories, sub-env i from task `env_tasks[i]`'s.
+
+    LeRobot's builders hand each task's factories to `env_cls`; a list keeps them. Each task's factories
+    are made for the most envs any task gets, so that LeRobot's per-task init-state stride keeps the
+    envs of one task on disjoint init states."""
+    counts = np.bincount(np.asarray(env_tasks), minlength=1)
+    per_task_envs = int(counts.max())
+    if use_async_envs:
+        raise ConfigError(
+            "a multi-task LIBERO or metaworld run steps its envs with env workers (--rollout.num_workers), "
+            "not --rollout.use_async_envs=true"
+        )
+    if is_libero(env_cfg):
+        tools = _libero_tools()
+        factories = tools.make_libero_envs(env_cfg, per_task_envs, env_cls=list)
+        finish = tools.libero_vector_env_builder(fast_render, worker_env_cls)
+    else:
+        if fast_render:
+            raise ValueError(f"--rollout.fast_render is not available for --env.type={env_cfg.type}")
+        from lerobot.envs.metaworld import create_metaworld_envs
+
+        factories = create_metaworld_envs(env_cfg.task, per_task_envs, env_cfg.gym_kwargs, env_cls=list)
+        finish = worker_env_cls or gym.vector.SyncVectorEnv
+    per_task = [fns for group in factories.values() for fns in group.values()]  # task order of TaskSet
+    taken = [0] * len(per_task)
+    mixed = []
+    for task in env_tasks:
+        mixed.append(per_task[task][taken[task]])
+        taken[task] += 1
+    return {f"{env_cfg.type} {env_cfg.task}": {0: finish(mixed)}}
 
 
 def env_policy_features(env_cfg: EnvConfig) -> dict[str, PolicyFeature]:
@@ -179,6 +225,81 @@ def env_policy_features(env_cfg: EnvConfig) -> dict[str, PolicyFeature]:
         return features
     processed = LiberoProcessorStep().transform_features(by_type)
     return {key: feature for group in processed.values() for key, feature in group.items()}
+
+
+def env_task_set(env_cfg: EnvConfig) -> TaskSet | None:
+    """The tasks of a multi-task env config, in the order metrics and a policy's task vocabulary use;
+    None for a config that selects one task (the envs then say what it is called).
+
+    metaworld_state sub-envs play every task, one per episode (`TaskSet.by_seed`). A LIBERO or LeRobot
+    metaworld sub-env keeps one task: a LIBERO simulator costs 2.2 GB and 6-10 s to rebuild."""
+    from lerobot_pirl.envs.metaworld_state import metaworld_task_description
+
+    if env_cfg.type == METAWORLD_STATE_ENV_TYPE:
+        tasks = env_cfg.tasks
+        if len(tasks) == 1:
+            return None
+        return TaskSet(tasks, tuple(metaworld_task_description(t) for t in tasks), by_seed=True)
+    if is_libero(env_cfg):
+        configs = single_task_configs(env_cfg)
+        if len(configs) == 1:
+            return None
+        from lerobot.envs.libero import _get_suite
+
+        names = tuple(f"{suite}_{task_id}" for suite, task_id, _ in configs)
+        texts = tuple(_get_suite(suite).get_task(task_id).language for suite, task_id, _ in configs)
+        return TaskSet(names, texts)
+    if env_cfg.type == METAWORLD_ENV_TYPE:
+        tasks = lerobot_metaworld_tasks(env_cfg.task)
+        if len(tasks) == 1:
+            return None
+        names = tuple(task.removeprefix("metaworld-") for task in tasks)
+        return TaskSet(names, tuple(metaworld_task_description(t) for t in tasks))
+    return None
+
+
+def lerobot_metaworld_tasks(task: str) -> list[str]:
+    """The tasks LeRobot's metaworld env builds for `--env.task` (difficulty groups expanded), in order."""
+    from lerobot.envs.metaworld import DIFFICULTY_TO_TASKS
+
+    groups = [t.strip() for t in str(task).split(",") if t.strip()]
+    return [name for group in groups for name in DIFFICULTY_TO_TASKS.get(group, [group])]
+
+
+def fixed_env_tasks(num_envs: int, num_tasks: int, group_size: int = 1) -> list[int]:
+    """The task of each env of a fixed-task mixture: consecutive blocks of `group_size` envs (a GRPO group)
+    share one task and the blocks cycle over the tasks, so with `num_envs` a multiple of
+    `num_tasks * group_size` every task has the same number of envs."""
+    return [(env // group_size) % num_tasks for env in range(num_envs)]
+
+
+def check_task_envs(
+    env_cfg: EnvConfig, num_envs: int, group_size: int, flag: str = "--rollout.num_envs"
+) -> None:
+    """Every task of a fixed-task mixture needs an env (a group of them for GRPO)."""
+    task_set = env_task_set(env_cfg)
+    if task_set is None or task_set.by_seed:
+        return
+    needed = len(task_set.names) * group_size
+    if num_envs < needed:
+        raise ConfigError(
+            f"{flag}={num_envs}: the {len(task_set.names)} tasks of --env.task={env_cfg.task} need at least "
+            f"{needed} envs (one{' group of ' + str(group_size) if group_size > 1 else ''} per task)"
+        )
+    if num_envs % needed:
+        logger.warning(
+            "%s=%d is not a multiple of %d: some of the %d tasks get one more env than others",
+            flag,
+            num_envs,
+            needed,
+            len(task_set.names),
+        )
+
+
+def env_task_names(env_cfg: EnvConfig) -> tuple[str, ...]:
+    """The metric labels of the config's tasks (`eval/<name>/success_rate`); one task: its `--env.task`."""
+    task_set = env_task_set(env_cfg)
+    return task_set.names if task_set is not None else (str(env_cfg.task),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +369,19 @@ def episode_reset_hook(env_cfg: EnvConfig, group_size: int) -> ResetHook | None:
     """
     if not is_libero(env_cfg) or not env_cfg.init_states:
         return None
+    configs = single_task_configs(env_cfg)
+    if len(configs) > 1:  # a task mixture: each group's init state within its own task's
+        counts = [_num_init_states(suite, tid, bool(env_cfg.is_libero_plus)) for suite, tid, _ in configs]
+
+        def set_mixture_init_states(vec_env, seeds: list[int]) -> None:
+            tasks = fixed_env_tasks(len(seeds), len(counts), group_size)
+            ids = [
+                group_init_state_ids(list(seeds), group_size, counts[task])[env]
+                for env, task in enumerate(tasks)
+            ]
+            _set_init_states(vec_env, ids)
+
+        return set_mixture_init_states
     n_init_states = libero_num_init_states(env_cfg)
 
     def set_group_init_states(vec_env, seeds: list[int]) -> None:
@@ -277,9 +411,19 @@ def single_task_configs(env_cfg: EnvConfig) -> list[tuple[str, int, EnvConfig]]:
     """(suite, task_id, env config selecting only that task) for every task `env_cfg` selects.
 
     LIBERO: each suite of `--env.task` (comma-separated) x its `--env.task_ids` (default: all tasks,
-    checked by LeRobot's own `_select_task_ids`). Other envs: the config as it is, labelled
-    (env type, 0).
+    checked by LeRobot's own `_select_task_ids`). A multi-task metaworld_state config: (its `--env.task`,
+    i, the config of its i-th task). Other envs: the config as it is, labelled (env type, 0).
     """
+    if env_cfg.type == METAWORLD_STATE_ENV_TYPE and len(env_cfg.tasks) > 1:
+        return [
+            (str(env_cfg.task), index, replace(env_cfg, task=task))
+            for index, task in enumerate(env_cfg.tasks)
+        ]
+    if env_cfg.type == METAWORLD_ENV_TYPE and len(lerobot_metaworld_tasks(env_cfg.task)) > 1:
+        return [
+            (str(env_cfg.task), index, replace(env_cfg, task=task))
+            for index, task in enumerate(lerobot_metaworld_tasks(env_cfg.task))
+        ]
     if not is_libero(env_cfg):
         return [(str(env_cfg.type), 0, env_cfg)]
     _libero_tools()  # LIBERO's first-use setup before `libero` is imported below

@@ -37,6 +37,7 @@ class EvalResult:
     successes: list[bool] = field(default_factory=list)
     videos: list[str] = field(default_factory=list)
     returns: list[float] = field(default_factory=list)  # per episode
+    per_task: dict[str, EvalResult] = field(default_factory=dict)  # a multi-task run's tasks, by name
 
     def lerobot_metrics(self) -> dict:
         """This result under `lerobot-eval`'s `eval_info.json` keys (success in percent), plus ours: the
@@ -58,7 +59,8 @@ class EvalResult:
         )
 
     def to_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        return {
+        """`<prefix>/success_rate` etc., and `<prefix>/<task>/...` for each task of a multi-task run."""
+        metrics = {
             f"{prefix}/success_rate": self.success_rate,
             f"{prefix}/ci_low": self.ci_low,
             f"{prefix}/ci_high": self.ci_high,
@@ -66,6 +68,13 @@ class EvalResult:
             f"{prefix}/episode_return": self.mean_return,
             f"{prefix}/episode_length": self.mean_length,
         }
+        for task, result in self.per_task.items():
+            metrics |= result.to_metrics(f"{prefix}/{task}")
+        return metrics
+
+    def per_task_summary(self) -> str:
+        """`reach-v3 100%, push-v3 84%, ...` (empty for a single-task result)."""
+        return ", ".join(f"{task} {100 * r.success_rate:.0f}%" for task, r in self.per_task.items())
 
     def to_dict(self) -> dict:
         return asdict(self)

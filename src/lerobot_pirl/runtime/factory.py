@@ -19,10 +19,11 @@ from lerobot.envs.utils import close_envs
 from lerobot.utils.constants import ACTION
 
 from lerobot_pirl.adapters.registry import SUPPORTED_POLICY_TYPES, load_flow_policy, make_adapter
+from lerobot_pirl.envs.metaworld_state import metaworld_task_description
 from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.rollout.collector import ChunkCollector
 from lerobot_pirl.runtime.config import ConfigError, TrainConfig
-from lerobot_pirl.runtime.envs import env_policy_features, make_rollout_envs
+from lerobot_pirl.runtime.envs import env_policy_features, env_task_set, fixed_env_tasks, make_rollout_envs
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def check_policy_matches_env(policy_config, env_cfg, pad_missing_cameras: bool =
         elif tuple(env_features[key].shape) != tuple(feature.shape):
             problems.append(f"{key}: policy {tuple(feature.shape)} vs env {tuple(env_features[key].shape)}")
     problems += _camera_problems(policy_config, env_features, pad_missing_cameras)
+    problems += _task_problems(policy_config, env_cfg)
     policy_action = policy_config.output_features.get(ACTION)
     env_action = env_features.get(ACTION)
     if policy_action is not None and env_action is not None and policy_action.shape != env_action.shape:
@@ -94,6 +96,36 @@ def _camera_problems(policy_config, env_features: dict, pad_missing_cameras: boo
         f"env's cameras onto the policy's with --rename_map='{suggestion}' (env key -> policy key), or "
         "feed blank images with --policy_options.pad_missing_cameras=true"
     ]
+
+
+def _task_problems(policy_config, env_cfg) -> list[str]:
+    """A task-conditioned flow_mlp knows the instructions it was trained on, and nothing else; a flow_mlp
+    without task input cannot tell a suite's tasks apart (issue 14)."""
+    if not hasattr(policy_config, "task_vocabulary"):
+        return []  # not a flow_mlp: VLAs read the instruction as text
+    task_set = env_task_set(env_cfg)
+    vocabulary = policy_config.task_vocabulary
+    if task_set is None:
+        if vocabulary and env_cfg.type == "metaworld_state":
+            return _unknown_tasks(vocabulary, env_cfg.tasks, (metaworld_task_description(env_cfg.task),))
+        return []
+    if not vocabulary:
+        return [
+            f"this flow_mlp has no task input, so it cannot tell the {len(task_set.names)} tasks of "
+            f"--env.task={env_cfg.task} apart; start from a multi-task one (omit --policy.path to bootstrap "
+            "one) or train on one task"
+        ]
+    return _unknown_tasks(vocabulary, task_set.names, task_set.descriptions)
+
+
+def _unknown_tasks(vocabulary: list[str], names, descriptions) -> list[str]:
+    for name, description in zip(names, descriptions, strict=True):
+        if description not in vocabulary:
+            return [
+                f"the policy was not trained on task {name} ({description!r}); it knows {len(vocabulary)} "
+                f"tasks: {vocabulary}"
+            ]
+    return []
 
 
 def read_env_names(policy_config, preprocessor, rename_map: dict[str, str]) -> None:
@@ -284,12 +316,18 @@ def build_collector(
     """A ChunkCollector over `num_envs` envs of cfg.env (stepped by `num_workers` env workers, 0 = here);
     also returns LeRobot's env dict (to close). `keep_prefix_gib`: see ChunkCollector (the trainer's own
     collection only: actors would ship the kept prefixes to the learner)."""
+    task_set = env_task_set(cfg.env)
+    env_tasks = None
+    if task_set is not None and not task_set.by_seed:  # LIBERO, LeRobot metaworld: a task per env
+        group_size = cfg.algorithm.group_size if cfg.algorithm.type == "grpo" else 1
+        env_tasks = fixed_env_tasks(num_envs, len(task_set.names), group_size)
     envs = make_rollout_envs(
         cfg.env,
         num_envs,
         cfg.rollout.use_async_envs,
         fast_render=cfg.rollout.fast_render,
         num_workers=num_workers,
+        env_tasks=env_tasks,
     )
     env_pre, env_post = make_env_pre_post_processors(cfg.env, policy.adapter.policy.config)
     collector = ChunkCollector(
@@ -306,5 +344,7 @@ def build_collector(
         end_on_success=cfg.rollout.end_on_success,
         seed=seed,
         keep_prefix_gib=keep_prefix_gib,
+        task_set=task_set,
+        env_tasks=env_tasks,
     )
     return collector, envs

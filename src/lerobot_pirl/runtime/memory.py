@@ -32,6 +32,7 @@ PI0_EXPERT_SIZE = 1024 * 18 * 50  # width x depth x chunk of the measured expert
 # per env worker of the other envs, whose simulators are small.
 LIBERO_ENV_GB = 2.2
 WORKER_GB = 0.6
+METAWORLD_TASK_GB = 0.022  # one MetaWorld task simulator; a suite sub-env keeps several (issue 14)
 MAIN_PROCESS_GB = 2.5  # torch, LeRobot and the simulators imported, before any model
 
 
@@ -125,6 +126,11 @@ def estimate_memory(cfg, profile: PolicyProfile) -> MemoryEstimate:
     else:
         workers = [cfg.rollout.num_workers, cfg.eval.num_workers]
         env_gb = sum(cfg.rollout.num_envs if w is None else w for w in workers) * WORKER_GB
+        if cfg.env.type == "metaworld_state":
+            from lerobot_pirl.envs.metaworld_state import MAX_CACHED_TASKS
+
+            simulators = min(len(cfg.env.tasks), MAX_CACHED_TASKS)  # per training sub-env
+            env_gb += cfg.rollout.num_envs * simulators * METAWORLD_TASK_GB
     stored = num_samples * _observation_bytes(cfg) / GB
     parts = {
         "weights GiB": weights,

@@ -78,6 +78,8 @@ def plot_learning_curves(rows: list[dict], plot_dir: Path, title: str = "") -> l
         fig.tight_layout()
         _save_figure(fig, plot_dir / "success.png", written)
 
+    _plot_tasks(rows, plot_dir, title, written)
+
     panels = [
         ("losses/policy_loss", "policy loss"),
         ("losses/value_loss", "value loss"),
@@ -95,6 +97,54 @@ def plot_learning_curves(rows: list[dict], plot_dir: Path, title: str = "") -> l
         fig.tight_layout()
         _save_figure(fig, plot_dir / "training.png", written)
     return written
+
+
+def task_names_in(rows: list[dict]) -> list[str]:
+    """The tasks a multi-task run evaluated (`eval/<task>/success_rate` keys), in the order first logged."""
+    names: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] == "success_rate":
+                names[parts[1]] = None
+    return list(names)
+
+
+def _plot_tasks(rows: list[dict], plot_dir: Path, title: str, written: list[Path]) -> None:
+    """tasks.png: each task's eval success vs env steps, and a bar per task for the first and the last
+    evaluation (a multi-task run only)."""
+    tasks = task_names_in(rows)
+    if not tasks:
+        return
+    evaluated = [row for row in rows if row.get(f"eval/{tasks[0]}/success_rate") is not None]
+    first, last = evaluated[0], evaluated[-1]
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    for task in tasks:
+        xs, ys = _series(rows, f"eval/{task}/success_rate")
+        curves.plot(xs, [100 * y for y in ys], marker=".", label=task)
+    xs, ys = _series(rows, "eval/success_rate")
+    curves.plot(xs, [100 * y for y in ys], color="black", linewidth=2.5, label="mean")
+    curves.set_xlabel("env steps")
+    curves.set_ylabel("success (%)")
+    curves.set_ylim(-2, 102)
+    curves.set_title(title or "success per task")
+    curves.legend(fontsize="x-small", ncol=2 if len(tasks) > 12 else 1)
+    positions = range(len(tasks))
+    width = 0.4
+    for offset, row, label in ((-width / 2, first, "first eval"), (width / 2, last, "last eval")):
+        values = [100 * (row.get(f"eval/{task}/success_rate") or 0.0) for task in tasks]
+        bars.bar(
+            [p + offset for p in positions],
+            values,
+            width,
+            label=f"{label} (step {row.get('env_steps', 0):,})",
+        )
+    bars.set_xticks(list(positions), tasks, rotation=60, ha="right", fontsize="x-small")
+    bars.set_ylabel("success (%)")
+    bars.set_ylim(0, 102)
+    bars.legend(fontsize="small")
+    fig.tight_layout()
+    _save_figure(fig, plot_dir / "tasks.png", written)
 
 
 def _save_figure(fig, path: Path, written: list[Path]) -> None:

@@ -48,6 +48,7 @@ class TaskEvalResult:
     task_id: int
     task: str  # the language instruction the policy received
     result: EvalResult
+    name: str = ""  # the task's metric label: a MetaWorld task name, or `<suite>_<task_id>` on LIBERO
 
 
 @dataclass
@@ -62,6 +63,12 @@ class SuiteEvalResult:
 
     def overall(self) -> EvalResult:
         return pool_results([t.result for t in self.tasks])
+
+    def as_eval_result(self) -> EvalResult:
+        """All episodes pooled, with each task's own result in `per_task` (the trainer's evaluation)."""
+        overall = self.overall()
+        overall.per_task = {t.name or f"{t.suite}_{t.task_id}": t.result for t in self.tasks}
+        return overall
 
     def table(self) -> str:
         """Plain-text table: one row per task, then one per suite, then the total."""
@@ -116,9 +123,11 @@ def evaluate_per_task(
     device: torch.device,
     eval_cfg: EvalConfig | None = None,
     video_dir: Path | None = None,
+    video_label: str = "",
 ) -> SuiteEvalResult:
     """Evaluate `policy` on every task `cfg.env` selects, one task at a time (its envs are closed before
-    the next task's are built), `eval_cfg.n_episodes` episodes on `eval_cfg.batch_size` envs each."""
+    the next task's are built), `eval_cfg.n_episodes` episodes on `eval_cfg.batch_size` envs each.
+    Videos are named `<video_label>_<task>_episode_<i>.mp4`."""
     from lerobot.envs.utils import close_envs
 
     from lerobot_pirl.runtime.envs import check_num_workers, default_num_workers, resolve_eval_batch_size
@@ -133,6 +142,7 @@ def evaluate_per_task(
     results = SuiteEvalResult()
     for suite, task_id, task_env_cfg in single_task_configs(cfg.env):
         task_cfg = replace(cfg, env=task_env_cfg)
+        name = task_env_cfg.task if task_env_cfg.type == "metaworld_state" else f"{suite}_{task_id}"
         collector, envs = build_collector(
             task_cfg,
             policy,
@@ -149,11 +159,12 @@ def evaluate_per_task(
                 eval_cfg.seed,
                 video_dir=video_dir,
                 n_videos=eval_cfg.videos if video_dir is not None else 0,
-                video_prefix=f"{suite}_task{task_id:02d}",
+                video_prefix="_".join(part for part in (video_label, name) if part),
                 fps=task_env_cfg.fps,
                 before_reset=evaluation_reset_hook(task_env_cfg, eval_cfg.seed),
+                description=f"eval {video_label} {name}".replace("  ", " "),
             )
         finally:
             close_envs(envs)
-        results.tasks.append(TaskEvalResult(suite, task_id, collector.tasks[0], result))
+        results.tasks.append(TaskEvalResult(suite, task_id, collector.tasks[0], result, name))
     return results

@@ -50,7 +50,13 @@ from lerobot_pirl.runtime.checkpoint import (
     save_config,
 )
 from lerobot_pirl.runtime.config import ConfigError, TrainConfig, load_policy_config
-from lerobot_pirl.runtime.envs import episode_reset_hook, evaluation_reset_hook, start_env_worker_server
+from lerobot_pirl.runtime.envs import (
+    check_task_envs,
+    env_task_names,
+    episode_reset_hook,
+    evaluation_reset_hook,
+    start_env_worker_server,
+)
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.factory import (
     build_collector,
@@ -60,6 +66,7 @@ from lerobot_pirl.runtime.factory import (
 )
 from lerobot_pirl.runtime.memory import estimate_memory, profile_of, warn_if_it_cannot_fit
 from lerobot_pirl.runtime.metrics import MetricsLog, OutputWriteError, plot_learning_curves
+from lerobot_pirl.runtime.suite_evaluation import evaluate_per_task
 
 logger = logging.getLogger(__name__)
 
@@ -166,19 +173,26 @@ class LocalUpdate:
         return policy_update(t.policy, t.optimizer, samples, t.cfg.algorithm, t.device)
 
 
-def rollout_metrics(batches: list[RolloutBatch]) -> dict[str, float]:
-    """Success, return and length of the episodes that finished during the rollouts (noisy policy)."""
+def rollout_metrics(batches: list[RolloutBatch], task_names: tuple[str, ...] = ()) -> dict[str, float]:
+    """Success, return and length of the episodes that finished during the rollouts (noisy policy); with
+    several `task_names`, also per task (`rollout/<task>/...`, episodes counted by the task they played)."""
     if not batches:
         return {}
     done = torch.cat([b.episode_done for b in batches])
     success = torch.cat([b.episode_success for b in batches])[done].float()
     returns = torch.cat([b.episode_returns for b in batches])[done]
     lengths = torch.cat([b.episode_lengths for b in batches])[done].float()
-    metrics = {"rollout/episodes": float(done.sum())}
-    if done.any():
-        metrics["rollout/success_rate"] = float(success.mean())
-        metrics["rollout/episode_return"] = float(returns.mean())
-        metrics["rollout/episode_length"] = float(lengths.mean())
+    tasks = torch.cat([b.episode_task for b in batches])[done]
+    metrics = {}
+    groups = [("rollout", torch.ones_like(tasks, dtype=torch.bool))]
+    if len(task_names) > 1:
+        groups += [(f"rollout/{name}", tasks == index) for index, name in enumerate(task_names)]
+    for prefix, members in groups:
+        metrics[f"{prefix}/episodes"] = float(members.sum())
+        if members.any():
+            metrics[f"{prefix}/success_rate"] = float(success[members].mean())
+            metrics[f"{prefix}/episode_return"] = float(returns[members].mean())
+            metrics[f"{prefix}/episode_length"] = float(lengths[members].mean())
     return metrics
 
 
@@ -206,6 +220,7 @@ class Trainer:
         policy_source: Callable[[TrainConfig, Path | None], str | Path] = resolve_policy_source,
     ):
         self.cfg, self.main = cfg, main
+        self.task_names = env_task_names(cfg.env)  # several: a multi-task run, metrics per task
         self.output_dir = Path(cfg.output_dir)
         self.device = device if device is not None else resolve_device(cfg.device)
         if main:
@@ -242,6 +257,8 @@ class Trainer:
         )
         self.algorithm = make_algorithm(cfg.algorithm)
         if main:
+            group_size = cfg.algorithm.group_size if cfg.algorithm.type == "grpo" else 1
+            check_task_envs(cfg.env, cfg.rollout.num_envs, group_size)
             warn_if_it_cannot_fit(estimate_memory(cfg, profile_of(self.policy)), self.device)
             self.output_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs proved good
         self.optimizer = make_optimizer(self.policy, cfg.algorithm)
@@ -281,7 +298,7 @@ class Trainer:
                     break
                 self.state.env_steps += collected.env_steps
                 samples, sample_stats = self.algorithm.update_samples(collected.batches)  # 2. advantages
-                rollout_row = rollout_metrics(collected.batches)
+                rollout_row = rollout_metrics(collected.batches, self.task_names)
                 # Free the rollouts before the update allocates; the samples index the observations.
                 collected.batches = []
                 update_start = time.perf_counter()
@@ -370,9 +387,28 @@ class Trainer:
             close_envs(envs)
 
     def evaluate(self, label: str) -> EvalResult:
-        """Deterministic episodes `eval.seed + i` (LIBERO: init state i), the same for every checkpoint."""
+        """Deterministic episodes `eval.seed + i` (LIBERO: init state i), the same for every checkpoint; a
+        multi-task run evaluates each task so (`--eval.n_episodes` each), as `lerobot-pirl-eval` does."""
         eval_cfg = self.cfg.eval
         begin = time.perf_counter()
+        if len(self.task_names) > 1:
+            result = evaluate_per_task(
+                self.cfg,
+                self.policy,
+                self.preprocessor,
+                self.postprocessor,
+                device=self.device,
+                video_dir=self.output_dir / "videos" if eval_cfg.videos else None,
+                video_label=label,
+            ).as_eval_result()
+            logger.info(
+                "eval %s: %s in %s; per task: %s",
+                label,
+                result.summary(),
+                duration(time.perf_counter() - begin),
+                result.per_task_summary(),
+            )
+            return result
         with self.evaluation_collector() as collector:
             result = evaluate(
                 collector,
