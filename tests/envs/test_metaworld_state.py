@@ -142,7 +142,10 @@ def test_seeds_and_images_match_lerobots_own_metaworld_env():
         np.testing.assert_allclose(
             our_observation["agent_pos"], lerobot_observation["agent_pos"][0], atol=1e-6
         )
-        np.testing.assert_array_equal(our_observation["pixels"], lerobot_observation["pixels"][0])
+        # Mesa's software rasteriser shades an odd anti-aliased edge pixel one level apart between two
+        # renders of the same scene (2 of 691,200 in one run in three): the same picture up to that.
+        difference = np.abs(our_observation["pixels"].astype(int) - lerobot_observation["pixels"][0])
+        assert difference.max() <= 1 and np.count_nonzero(difference) <= 50, np.count_nonzero(difference)
     finally:
         lerobot_env.close()
         ours.close()
