@@ -14,7 +14,13 @@ from test_libero_training import EXECUTED, IMAGE_KEYS, libero_config, load, upda
 from lerobot_pirl.algorithms.config import PPOConfig
 from lerobot_pirl.algorithms.update import make_optimizer, policy_update
 from lerobot_pirl.runtime.config import ConfigError, EvalConfig, RolloutConfig, TrainConfig
-from lerobot_pirl.runtime.envs import check_task_envs, env_task_names, env_task_set, fixed_env_tasks
+from lerobot_pirl.runtime.envs import (
+    check_task_envs,
+    env_task_names,
+    env_task_set,
+    episode_reset_hook,
+    fixed_env_tasks,
+)
 from lerobot_pirl.runtime.factory import build_collector
 from lerobot_pirl.runtime.suite_evaluation import evaluate_per_task
 from lerobot_pirl.testing.collection import collect_samples
@@ -31,6 +37,16 @@ def test_tasks_are_dealt_to_envs_in_blocks_of_one_group():
     with pytest.raises(ConfigError, match="need at least 4 envs"):
         check_task_envs(TWO_TASKS, num_envs=2, group_size=2)
     assert env_task_set(libero_config()) is None  # one task: no mixture
+
+
+def test_a_grpo_group_of_a_task_mixture_starts_from_its_seeds_init_state():
+    class RecordingVectorEnv:
+        def set_attr(self, name, values):
+            self.set = (name, list(values))
+
+    vec_env = RecordingVectorEnv()
+    episode_reset_hook(TWO_TASKS, group_size=2)(vec_env, [7, 7, 8, 8, 57, 57])
+    assert vec_env.set == ("init_state_id", [7, 7, 8, 8, 7, 7])  # groups on tasks 0, 1, 0; 50 states each
 
 
 @pytest.fixture(scope="module")

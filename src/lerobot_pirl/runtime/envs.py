@@ -375,11 +375,8 @@ def episode_reset_hook(env_cfg: EnvConfig, group_size: int) -> ResetHook | None:
 
         def set_mixture_init_states(vec_env, seeds: list[int]) -> None:
             tasks = fixed_env_tasks(len(seeds), len(counts), group_size)
-            ids = [
-                group_init_state_ids(list(seeds), group_size, counts[task])[env]
-                for env, task in enumerate(tasks)
-            ]
-            _set_init_states(vec_env, ids)
+            by_count = {n: group_init_state_ids(list(seeds), group_size, n) for n in set(counts)}
+            _set_init_states(vec_env, [by_count[counts[task]][env] for env, task in enumerate(tasks)])
 
         return set_mixture_init_states
     n_init_states = libero_num_init_states(env_cfg)
