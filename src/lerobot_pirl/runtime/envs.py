@@ -273,6 +273,11 @@ def fixed_env_tasks(num_envs: int, num_tasks: int, group_size: int = 1) -> list[
     return [(env // group_size) % num_tasks for env in range(num_envs)]
 
 
+def task_group_size(algorithm_cfg) -> int:
+    """The envs that must share a task in a fixed-task mixture: a GRPO group, else one."""
+    return algorithm_cfg.group_size if algorithm_cfg.type == "grpo" else 1
+
+
 def check_task_envs(
     env_cfg: EnvConfig, num_envs: int, group_size: int, flag: str = "--rollout.num_envs"
 ) -> None:

@@ -23,7 +23,13 @@ from lerobot_pirl.envs.metaworld_state import metaworld_task_description
 from lerobot_pirl.rl_policy import FlowRLPolicy
 from lerobot_pirl.rollout.collector import ChunkCollector
 from lerobot_pirl.runtime.config import ConfigError, TrainConfig
-from lerobot_pirl.runtime.envs import env_policy_features, env_task_set, fixed_env_tasks, make_rollout_envs
+from lerobot_pirl.runtime.envs import (
+    env_policy_features,
+    env_task_set,
+    fixed_env_tasks,
+    make_rollout_envs,
+    task_group_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -319,8 +325,7 @@ def build_collector(
     task_set = env_task_set(cfg.env)
     env_tasks = None
     if task_set is not None and not task_set.by_seed:  # LIBERO, LeRobot metaworld: a task per env
-        group_size = cfg.algorithm.group_size if cfg.algorithm.type == "grpo" else 1
-        env_tasks = fixed_env_tasks(num_envs, len(task_set.names), group_size)
+        env_tasks = fixed_env_tasks(num_envs, len(task_set.names), task_group_size(cfg.algorithm))
     envs = make_rollout_envs(
         cfg.env,
         num_envs,

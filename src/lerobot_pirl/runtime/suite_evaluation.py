@@ -162,7 +162,7 @@ def evaluate_per_task(
                 video_prefix="_".join(part for part in (video_label, name) if part),
                 fps=task_env_cfg.fps,
                 before_reset=evaluation_reset_hook(task_env_cfg, eval_cfg.seed),
-                description=f"eval {video_label} {name}".replace("  ", " "),
+                description=" ".join(part for part in ("eval", video_label, name) if part),
             )
         finally:
             close_envs(envs)

@@ -56,6 +56,7 @@ from lerobot_pirl.runtime.envs import (
     episode_reset_hook,
     evaluation_reset_hook,
     start_env_worker_server,
+    task_group_size,
 )
 from lerobot_pirl.runtime.evaluation import EvalResult, evaluate
 from lerobot_pirl.runtime.factory import (
@@ -257,8 +258,7 @@ class Trainer:
         )
         self.algorithm = make_algorithm(cfg.algorithm)
         if main:
-            group_size = cfg.algorithm.group_size if cfg.algorithm.type == "grpo" else 1
-            check_task_envs(cfg.env, cfg.rollout.num_envs, group_size)
+            check_task_envs(cfg.env, cfg.rollout.num_envs, task_group_size(cfg.algorithm))
             warn_if_it_cannot_fit(estimate_memory(cfg, profile_of(self.policy)), self.device)
             self.output_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs proved good
         self.optimizer = make_optimizer(self.policy, cfg.algorithm)
